@@ -320,7 +320,11 @@ def format_tensor(t: Tensor) -> str:
                 return "True" if v else "False"
         else:
             fmt = str
-        body = np.array2string(a, separator=", ", formatter={"all": fmt}, prefix="tensor(",
+        flat = a.ravel()
+        sample = flat if flat.size <= 1000 else np.concatenate([flat[:500], flat[-500:]])
+        width = max(len(fmt(v)) for v in sample)
+        body = np.array2string(a, separator=", ", formatter={"all": lambda v: fmt(v).rjust(width)},
+                               prefix="tensor(",
                                threshold=1000, max_line_width=80)
     default_dtypes = (dtypes.get_default_dtype().np, np.dtype(np.int64), np.dtype(np.bool_))
     if a.dtype not in default_dtypes or (a.size == 0 and a.dtype != dtypes.get_default_dtype().np):
