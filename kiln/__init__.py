@@ -24,7 +24,14 @@ from kiln.random import *  # noqa: F401,F403
 from kiln.ops.elementwise import *  # noqa: F401,F403
 from kiln.ops.reduce import *  # noqa: F401,F403
 from kiln.ops.shape import *  # noqa: F401,F403
+from kiln.ops.index import *  # noqa: F401,F403
+from kiln.ops.linalg import *  # noqa: F401,F403
+from kiln.ops.conv import *  # noqa: F401,F403
 from kiln import autograd  # noqa: E402
+from kiln import nn  # noqa: E402
+from kiln import optim  # noqa: E402
+from kiln.serialization import save, load  # noqa: E402
+from kiln import utils  # noqa: E402
 
 half, double, float, long, int, short = float16, float64, float32, int64, int32, int16  # noqa: A001
 

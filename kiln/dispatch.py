@@ -126,6 +126,13 @@ def write_into(target: Tensor, result: Tensor, op: str) -> None:
 def op_error(prim, inputs, exc: Exception) -> Exception:
     """Turn an exception from inside an impl into one naming the op, shapes and dtypes."""
     described = ", ".join(describe(t) for t in inputs)
+    if isinstance(exc, ValueError) and "elementwise" in prim.traits and len(inputs) > 1:
+        # numpy's "operands could not be broadcast" becomes PyTorch's sentence about sizes
+        from kiln.ops.elementwise import broadcast_mismatch  # only on this error path
+
+        mismatch = broadcast_mismatch([t._data.shape for t in inputs])
+        if mismatch is not None:
+            return RuntimeError(f"{prim.name}: {mismatch} (inputs: {described})")
     cls = IndexError if isinstance(exc, IndexError) else RuntimeError
     return cls(f"{prim.name}: {exc} (inputs: {described})")
 

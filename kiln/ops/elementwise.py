@@ -3,27 +3,72 @@ and PyTorch's dtype promotion."""
 
 from __future__ import annotations
 
+import builtins
+import functools
+import math
 import numbers
+import warnings
 
 import numpy as np
 
 from kiln import dtypes
-from kiln.dispatch import apply_inplace
+from kiln.creation import zeros_like
+from kiln.dispatch import apply_inplace, check_inplace_allowed
 from kiln.grad_mode import STATE
 from kiln.ops.reduce import sum_to
 from kiln.ops.registry import primitive
 from kiln.tensor import Tensor, _make
 
-__all__ = ["add", "sub", "mul", "div", "neg", "exp", "clone"]
+# PyTorch computes log(0) = -inf, 1/0 = inf and exp(1000) = inf without a word; numpy warns.
+# Only warnings raised from this module's kernels are silenced: the user's numpy code still warns.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"kiln\.ops\.elementwise$")
+
+__all__ = [
+    # arithmetic
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
+    "remainder", "fmod", "pow", "neg", "negative", "positive", "reciprocal", "square", "maximum",
+    "minimum", "abs", "absolute", "sign", "sgn", "lerp",
+    # comparisons and logic
+    "eq", "ne", "not_equal", "lt", "less", "le", "less_equal", "gt", "greater", "ge",
+    "greater_equal", "logical_not", "logical_and", "logical_or", "logical_xor", "bitwise_not",
+    "bitwise_and", "bitwise_or", "bitwise_xor", "isnan", "isinf", "isfinite", "equal", "allclose",
+    "isclose",
+    # math
+    "exp", "expm1", "log", "log1p", "log2", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid",
+    "floor", "ceil", "round", "trunc", "erf",
+    # activations
+    "relu", "relu_", "gelu", "silu", "softplus", "leaky_relu", "elu", "hardtanh", "relu6",
+    "logsigmoid",
+    # selection
+    "clamp", "clip", "clamp_min", "clamp_max", "where", "masked_fill", "clone",
+]
+
+# PyTorch's names for dtypes in its error messages ("result type Float can't be cast to ... Long").
+_TORCH_NAMES = {
+    "bool": "Bool", "uint8": "Byte", "int8": "Char", "int16": "Short", "int32": "Int",
+    "int64": "Long", "float16": "Half", "float32": "Float", "float64": "Double",
+}
+
+
+def _tname(d) -> str:
+    """PyTorch's name of a kiln dtype, numpy dtype or tensor's dtype."""
+    if isinstance(d, Tensor):
+        d = d._data.dtype
+    if not isinstance(d, dtypes.dtype):
+        d = dtypes._FROM_NP[np.dtype(d)]
+    return _TORCH_NAMES[d.name]
 
 
 # -- operands ------------------------------------------------------------------------------------
+
+_NUMBER = (numbers.Number, np.generic)
+
 
 def as_operand(x, dt: dtypes.dtype, op: str) -> Tensor:
     """``x`` as a tensor of dtype ``dt``: numbers become constants, tensors are cast if needed."""
     if isinstance(x, Tensor):
         return x if x._data.dtype == dt.np else cast(x, dt)
-    if isinstance(x, (numbers.Number, np.generic)):
+    if isinstance(x, _NUMBER):
         return _make(np.array(x, dt.np))
     raise TypeError(f"{op}(): expected a Tensor or a number, got {type(x).__name__}")
 
@@ -34,6 +79,9 @@ def binary_operands(a, b, op: str):
         return a, b
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         raise TypeError(f"{op}(): expected at least one Tensor argument")
+    for x in (a, b):
+        if not isinstance(x, (Tensor, *_NUMBER)):
+            raise TypeError(f"{op}(): expected a Tensor or a number, got {type(x).__name__}")
     dt = dtypes.result_type(a, b)
     return as_operand(a, dt, op), as_operand(b, dt, op)
 
@@ -45,11 +93,123 @@ def float_operand(x: Tensor) -> Tensor:
     return cast(x, dtypes.get_default_dtype())
 
 
-# -- cast and clone ------------------------------------------------------------------------------
+def _tensor(x, op: str, name: str = "input", pos: int = 1) -> Tensor:
+    """``x`` itself if it is a tensor; PyTorch's TypeError otherwise."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{op}(): argument '{name}' (position {pos}) must be Tensor, not {type(x).__name__}"
+        )
+    return x
+
+
+def _float_input(x, op: str) -> Tensor:
+    """The input of a float function: a tensor, promoted to the default float if integral."""
+    try:
+        kind = x._data.dtype.kind
+    except AttributeError:
+        raise TypeError(
+            f"{op}(): argument 'input' (position 1) must be Tensor, not {type(x).__name__}"
+        ) from None
+    return x if kind == "f" else cast(x, dtypes.get_default_dtype())
+
+
+def _float_only(x, op: str) -> Tensor:
+    """Activations that PyTorch implements for floating dtypes only."""
+    _tensor(x, op)
+    if x._data.dtype.kind != "f":
+        raise NotImplementedError(f'"{op}" not implemented for \'{_tname(x)}\'')
+    return x
+
+
+def _zero(g: Tensor) -> Tensor:
+    """A 0-d zero of ``g``'s dtype, for masking gradients with ``where``."""
+    return _make(np.zeros((), g._data.dtype))
+
+
+# -- broadcasting and shape rules ----------------------------------------------------------------
+
+def broadcast_mismatch(shapes) -> str | None:
+    """PyTorch's message for shapes that do not broadcast together, or None when they do.
+
+    Shapes are combined left to right, as PyTorch's TensorIterator does, and the first clash
+    found from the trailing dimension is reported with its index in the broadcast result.
+    """
+    acc = tuple(shapes[0])
+    for s in shapes[1:]:
+        s = tuple(s)
+        n = builtins.max(len(acc), len(s))
+        out = [1] * n
+        for i in range(n - 1, -1, -1):
+            off = n - 1 - i
+            a = acc[len(acc) - 1 - off] if off < len(acc) else 1
+            b = s[len(s) - 1 - off] if off < len(s) else 1
+            if a != b and a != 1 and b != 1:
+                return (f"The size of tensor a ({a}) must match the size of tensor b ({b}) at "
+                        f"non-singleton dimension {i}")
+            out[i] = b if a == 1 else a
+        acc = tuple(out)
+    return None
+
+
+def broadcast_shape(op: str, *shapes) -> tuple:
+    """The broadcast shape of ``shapes``; RuntimeError naming ``op`` when they clash."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes[1:]):
+        return first
+    msg = broadcast_mismatch(shapes)
+    if msg is not None:
+        raise RuntimeError(f"{op}: {msg}")
+    return tuple(np.broadcast_shapes(*shapes))
+
+
+def _elementwise(name: str, *, out=0, save=(), save_out=False):
+    """Register an elementwise primitive whose output has the broadcast shape of its inputs and
+    the dtype of input number ``out`` (an int) or the fixed numpy dtype ``out``."""
+
+    def wrap(impl):
+        prim = primitive(name, traits={"elementwise"}, save=save, save_out=save_out)(impl)
+        if isinstance(out, int):
+            def infer(shapes, dts, **attrs):
+                return broadcast_shape(name, *shapes), np.dtype(dts[out])
+        else:
+            fixed = np.dtype(out)
+
+            def infer(shapes, dts, **attrs):
+                return broadcast_shape(name, *shapes), fixed
+        prim.def_infer(infer)
+        return prim
+
+    return wrap
+
+
+def _nd(impl):
+    """Run a multi-step kernel on 0-d inputs as 1-element arrays (numpy turns 0-d results into
+    scalars, which in-place ``out=`` steps cannot write to)."""
+
+    @functools.wraps(impl)
+    def kernel(x, **attrs):
+        if x.ndim == 0:
+            return impl(x.reshape(1), **attrs).reshape(())
+        return impl(x, **attrs)
+
+    return kernel
+
+
+def _zero_grads(g, node):
+    """VJP of piecewise-constant functions (floor, sign, ...): zeros, as PyTorch returns."""
+    return tuple(zeros_like(x) if need else None for x, need in zip(node.inputs, node.needs))
+
+
+# -- cast, clone and copy ------------------------------------------------------------------------
 
 @primitive("cast", traits={"elementwise"})
 def _cast(x, dtype):
     return x.astype(dtype)
+
+
+@_cast.def_infer
+def _cast_infer(shapes, dts, dtype):
+    return shapes[0], np.dtype(dtype)
 
 
 @_cast.def_vjp
@@ -77,7 +237,7 @@ def to(self: Tensor, *args, dtype=None, **kwargs) -> Tensor:
     return out
 
 
-@primitive("clone", traits={"elementwise"})
+@_elementwise("clone")
 def _clone(x):
     return np.array(x, copy=True)
 
@@ -89,12 +249,29 @@ def _clone_vjp(g, node):
 
 def clone(input: Tensor, *, memory_format=None) -> Tensor:
     """A copy of ``input`` that autograd sees through."""
-    return _clone(input)
+    return _clone(_tensor(input, "clone"))
+
+
+@_elementwise("copy", out=1)
+def _copy(dst, src):
+    # The value written into dst by ``copy_``: src broadcast to dst's shape (write_into checks
+    # that the broadcast shape is dst's own, with PyTorch's message).
+    if src.shape == dst.shape:
+        return src
+    return np.broadcast_to(src, np.broadcast_shapes(dst.shape, src.shape))
+
+
+@_copy.def_vjp
+def _copy_vjp(g, node):
+    dst, src = node.inputs
+    nd, ns = node.needs
+    # the overwritten value gets a zero gradient (not None), as PyTorch's CopyBackwards gives
+    return (zeros_like(dst) if nd else None, sum_to(g, src._data.shape) if ns else None)
 
 
 # -- arithmetic ----------------------------------------------------------------------------------
 
-@primitive("add", traits={"elementwise"})
+@_elementwise("add")
 def _add(a, b):
     return np.add(a, b)
 
@@ -106,7 +283,7 @@ def _add_vjp(g, node):
     return (sum_to(g, a._data.shape) if na else None, sum_to(g, b._data.shape) if nb else None)
 
 
-@primitive("sub", traits={"elementwise"})
+@_elementwise("sub")
 def _sub(a, b):
     return np.subtract(a, b)
 
@@ -118,7 +295,7 @@ def _sub_vjp(g, node):
     return (sum_to(g, a._data.shape) if na else None, sum_to(-g, b._data.shape) if nb else None)
 
 
-@primitive("mul", traits={"elementwise"}, save=(0, 1))
+@_elementwise("mul", save=(0, 1))
 def _mul(a, b):
     return np.multiply(a, b)
 
@@ -131,7 +308,7 @@ def _mul_vjp(g, node):
             sum_to(g * a, b._data.shape) if nb else None)
 
 
-@primitive("div", traits={"elementwise"}, save=(0, 1))
+@_elementwise("div", save=(0, 1))
 def _div(a, b):
     return np.true_divide(a, b)
 
@@ -144,7 +321,104 @@ def _div_vjp(g, node):
             sum_to(-g * a / (b * b), b._data.shape) if nb else None)
 
 
-@primitive("neg", traits={"elementwise"})
+def _check_int_divisor(a, b):
+    if a.dtype.kind != "f" and not np.all(b):
+        raise ZeroDivisionError("ZeroDivisionError")
+
+
+@_elementwise("floor_divide")
+def _floor_divide(a, b):
+    _check_int_divisor(a, b)
+    return np.floor_divide(a, b)
+
+
+_floor_divide.def_vjp(_zero_grads)
+
+
+@_elementwise("trunc_divide")
+def _trunc_divide(a, b):
+    if a.dtype.kind == "f":
+        return np.trunc(np.true_divide(a, b))
+    _check_int_divisor(a, b)
+    # numpy's integer division floors; truncation differs where the remainder is nonzero and
+    # the signs differ (exact for all int64 values, unlike a detour through float64)
+    q, r = np.divmod(a, b)
+    return q + ((r != 0) & ((a < 0) != (b < 0)))
+
+
+_trunc_divide.def_vjp(_zero_grads)
+
+
+@_elementwise("remainder", save=(0, 1))
+def _remainder(a, b):
+    _check_int_divisor(a, b)
+    return np.remainder(a, b)  # Python's convention: the sign of the divisor, as PyTorch
+
+
+@_remainder.def_vjp
+def _remainder_vjp(g, node):
+    a, b = node.inputs
+    na, nb = node.needs
+    return (sum_to(g, a._data.shape) if na else None,
+            sum_to(-g * _floor_divide(a, b), b._data.shape) if nb else None)
+
+
+@_elementwise("fmod", save=(0, 1))
+def _fmod(a, b):
+    _check_int_divisor(a, b)
+    return np.fmod(a, b)  # C's convention: the sign of the dividend
+
+
+@_fmod.def_vjp
+def _fmod_vjp(g, node):
+    a, b = node.inputs
+    na, nb = node.needs
+    return (sum_to(g, a._data.shape) if na else None,
+            sum_to(-g * _trunc_divide(a, b), b._data.shape) if nb else None)
+
+
+@_elementwise("pow", save=(0, 1), save_out=True)
+def _pow(a, b):
+    if a.dtype.kind in "iu":
+        neg = b < 0
+        if neg.any():
+            # numpy refuses negative integer exponents; PyTorch gives 1 ** -n = 1,
+            # (-1) ** -n = +-1 and 0 for every other base
+            r = np.power(a, np.where(neg, 0, b))
+            special = np.where(a == 1, 1, np.where(a == -1, 1 - 2 * (b % 2), 0))
+            return np.where(neg, special, r).astype(r.dtype)
+    elif b.ndim == 0 and a.dtype.kind == "f":
+        e = b.item()
+        if e == 2:
+            return np.square(a)  # what PyTorch computes for x ** 2, and much faster than power
+        if e == 0.5:
+            return np.sqrt(a)
+    return np.power(a, b)
+
+
+@_pow.def_vjp
+def _pow_vjp(g, node):
+    a, b = node.inputs
+    na, nb = node.needs
+    ga = gb = None
+    if na:
+        if b._data.ndim == 0 and not b._rg:
+            e = b.item()  # a constant exponent: d/da a**e = e * a**(e-1), and 0 when e == 0
+            if e == 0:
+                ga = zeros_like(a)
+            else:
+                ga = g * e * (a if e == 2 else pow(a, e - 1))
+        else:
+            ga = where(b == 0, 0.0, g * b * pow(a, b - 1))
+        ga = sum_to(ga, a._data.shape)
+    if nb:
+        # PyTorch: no gradient flows to the exponent where the base is 0 and exponent >= 0
+        gb = where((a == 0) & (b >= 0), 0.0, g * node.out * log(a))
+        gb = sum_to(gb, b._data.shape)
+    return ga, gb
+
+
+@_elementwise("neg")
 def _neg(x):
     return np.negative(x)
 
@@ -154,8 +428,58 @@ def _neg_vjp(g, node):
     return (-g,)
 
 
+@_elementwise("maximum", save=(0, 1))
+def _maximum(a, b):
+    return np.maximum(a, b)
+
+
+@_elementwise("minimum", save=(0, 1))
+def _minimum(a, b):
+    return np.minimum(a, b)
+
+
+def _extremum_vjp(g, node, a_loses, b_loses):
+    a, b = node.inputs
+    na, nb = node.needs
+    zero = _zero(g)
+    shared = _where(eq(a, b), g / 2, g)  # ties split the gradient evenly, as in PyTorch
+    return (sum_to(_where(a_loses(a, b), zero, shared), a._data.shape) if na else None,
+            sum_to(_where(b_loses(a, b), zero, shared), b._data.shape) if nb else None)
+
+
+_maximum.def_vjp(lambda g, node: _extremum_vjp(g, node, lt, gt))
+_minimum.def_vjp(lambda g, node: _extremum_vjp(g, node, gt, lt))
+
+
+@_elementwise("abs", save=(0,))
+def _abs(x):
+    return np.abs(x)
+
+
+@_abs.def_vjp
+def _abs_vjp(g, node):
+    return (g * sign(node.inputs[0]),)
+
+
+@_elementwise("sign")
+def _sign(x):
+    if x.dtype == np.bool_:
+        return x.copy()
+    if x.dtype.kind == "f":
+        return np.subtract(x > 0, x < 0, dtype=x.dtype)  # sign(nan) = 0, as PyTorch
+    return np.sign(x)
+
+
+_sign.def_vjp(_zero_grads)
+
+
 def add(input, other, *, alpha=1) -> Tensor:
-    """``input + alpha * other`` with broadcasting and type promotion."""
+    """``input + alpha * other`` with broadcasting and type promotion.
+
+    >>> import kiln
+    >>> kiln.add(kiln.tensor([1, 2]), 0.5)
+    tensor([1.5000, 2.5000])
+    """
     if alpha != 1:
         other = mul(other, alpha)
     a, b = binary_operands(input, other, "add")
@@ -167,29 +491,348 @@ def sub(input, other, *, alpha=1) -> Tensor:
     if alpha != 1:
         other = mul(other, alpha)
     a, b = binary_operands(input, other, "sub")
+    if a._data.dtype == np.bool_:
+        raise RuntimeError(
+            "Subtraction, the `-` operator, with two bool tensors is not supported. Use the `^` "
+            "or `logical_xor()` operator instead."
+        )
     return _sub(a, b)
 
 
 def mul(input, other) -> Tensor:
+    """``input * other``."""
     a, b = binary_operands(input, other, "mul")
     return _mul(a, b)
 
 
 def div(input, other, *, rounding_mode=None) -> Tensor:
-    """True division (integers give floats), or ``rounding_mode='floor'|'trunc'``."""
+    """True division (integers give floats), or ``rounding_mode='floor'|'trunc'``.
+
+    >>> import kiln
+    >>> kiln.div(kiln.tensor([-7, 7]), 2, rounding_mode="trunc")
+    tensor([-3,  3])
+    """
     a, b = binary_operands(input, other, "div")
     if rounding_mode is None:
         if a._data.dtype.kind != "f":
             a, b = float_operand(a), float_operand(b)
         return _div(a, b)
-    raise NotImplementedError("div(rounding_mode=...) is added with floor_divide")
+    if rounding_mode == "floor":
+        return _floor_divide(a, b)
+    if rounding_mode == "trunc":
+        return _trunc_divide(a, b)
+    raise RuntimeError(
+        "div expected rounding_mode to be one of None, 'trunc', or 'floor' but found "
+        f"'{rounding_mode}'"
+    )
+
+
+def floor_divide(input, other) -> Tensor:
+    """``input // other``: division rounded toward negative infinity."""
+    a, b = binary_operands(input, other, "floor_divide")
+    return _floor_divide(a, b)
+
+
+def remainder(input, other) -> Tensor:
+    """``input % other`` with Python's sign convention (the result has the divisor's sign).
+
+    >>> import kiln
+    >>> kiln.remainder(kiln.tensor([-3, 3]), 2)
+    tensor([1, 1])
+    """
+    a, b = binary_operands(input, other, "remainder")
+    return _remainder(a, b)
+
+
+def fmod(input, other) -> Tensor:
+    """C's remainder: the result has the dividend's sign."""
+    a, b = binary_operands(_tensor(input, "fmod"), other, "fmod")
+    return _fmod(a, b)
+
+
+def pow(input, exponent) -> Tensor:  # noqa: A001 - PyTorch's name
+    """``input ** exponent``; either may be a number.
+
+    >>> import kiln
+    >>> kiln.tensor([1, 2, 3]) ** 2
+    tensor([1, 4, 9])
+    """
+    if (isinstance(input, Tensor) and input._data.dtype.kind in "biu"
+            and isinstance(exponent, numbers.Integral) and exponent < 0):
+        raise RuntimeError("Integers to negative integer powers are not allowed.")
+    a, b = binary_operands(input, exponent, "pow")
+    return _pow(a, b)
 
 
 def neg(input: Tensor) -> Tensor:
+    """``-input``."""
+    if _tensor(input, "neg")._data.dtype == np.bool_:
+        raise RuntimeError(
+            "Negation, the `-` operator, on a bool tensor is not supported. If you are trying to "
+            "invert a mask, use the `~` or `logical_not()` operator instead."
+        )
     return _neg(input)
 
 
-@primitive("exp", traits={"elementwise"}, save_out=True)
+def positive(input: Tensor) -> Tensor:
+    """``+input``: the input itself."""
+    if _tensor(input, "positive")._data.dtype == np.bool_:
+        raise RuntimeError("The `+` operator, on a bool tensor is not supported.")
+    return input
+
+
+def reciprocal(input: Tensor) -> Tensor:
+    """``1 / input`` (integers give floats)."""
+    x = _float_input(input, "reciprocal")
+    return _div(_make(np.ones((), x._data.dtype)), x)
+
+
+def square(input: Tensor) -> Tensor:
+    """``input * input``."""
+    return pow(_tensor(input, "square"), 2)
+
+
+def maximum(input: Tensor, other: Tensor) -> Tensor:
+    """Elementwise maximum (NaN propagates); ties share the gradient equally."""
+    a, b = binary_operands(_tensor(input, "maximum"), _tensor(other, "maximum", "other", 2),
+                           "maximum")
+    return _maximum(a, b)
+
+
+def minimum(input: Tensor, other: Tensor) -> Tensor:
+    """Elementwise minimum (NaN propagates); ties share the gradient equally."""
+    a, b = binary_operands(_tensor(input, "minimum"), _tensor(other, "minimum", "other", 2),
+                           "minimum")
+    return _minimum(a, b)
+
+
+def abs(input: Tensor) -> Tensor:  # noqa: A001 - PyTorch's name
+    """``|input|``; the gradient at 0 is 0."""
+    if _tensor(input, "abs")._data.dtype == np.bool_:
+        raise NotImplementedError("\"abs_cpu\" not implemented for 'Bool'")
+    return _abs(input)
+
+
+def sign(input: Tensor) -> Tensor:
+    """-1, 0 or 1 by the sign of each element (0 for NaN)."""
+    return _sign(_tensor(input, "sign"))
+
+
+def lerp(input: Tensor, end: Tensor, weight) -> Tensor:
+    """``input + weight * (end - input)``."""
+    if _tensor(input, "lerp")._data.dtype.kind != "f":
+        raise NotImplementedError(f"\"lerp_kernel_scalar\" not implemented for '{_tname(input)}'")
+    _tensor(end, "lerp", "end", 2)
+    if end._data.dtype != input._data.dtype:
+        raise RuntimeError(
+            f"expected dtype {_tname(input).lower()} for `end` but got dtype "
+            f"{_tname(end).lower()}"
+        )
+    if isinstance(weight, Tensor):
+        if weight._data.dtype != input._data.dtype:
+            raise RuntimeError(
+                f"expected dtype {_tname(input).lower()} for `weight` but got dtype "
+                f"{_tname(weight).lower()}"
+            )
+        shapes = (input._data.shape, end._data.shape, weight._data.shape)
+    else:
+        shapes = (input._data.shape, end._data.shape)
+    broadcast_shape("lerp", *shapes)
+    return input + weight * (end - input)
+
+
+# -- comparisons, logic, bitwise -----------------------------------------------------------------
+
+def _predicate(name, fn):
+    prim = _elementwise(name, out=np.bool_)(fn)
+    prim.mark_not_differentiable("its output is boolean")
+    return prim
+
+
+_eq = _predicate("eq", np.equal)
+_ne = _predicate("ne", np.not_equal)
+_lt = _predicate("lt", np.less)
+_le = _predicate("le", np.less_equal)
+_gt = _predicate("gt", np.greater)
+_ge = _predicate("ge", np.greater_equal)
+_logical_not = _predicate("logical_not", np.logical_not)
+_logical_and = _predicate("logical_and", np.logical_and)
+_logical_or = _predicate("logical_or", np.logical_or)
+_logical_xor = _predicate("logical_xor", np.logical_xor)
+_isnan = _predicate("isnan", np.isnan)
+_isinf = _predicate("isinf", np.isinf)
+_isfinite = _predicate("isfinite", np.isfinite)
+
+
+def _bitwise(name, fn):
+    prim = _elementwise(name)(fn)
+    prim.mark_not_differentiable("it is defined on integer and bool tensors only")
+    return prim
+
+
+_bitwise_not = _bitwise("bitwise_not", np.invert)
+_bitwise_and = _bitwise("bitwise_and", np.bitwise_and)
+_bitwise_or = _bitwise("bitwise_or", np.bitwise_or)
+_bitwise_xor = _bitwise("bitwise_xor", np.bitwise_xor)
+
+
+def _compare(prim, op):
+    def compare(input, other) -> Tensor:
+        a, b = binary_operands(input, other, op)
+        return prim(a, b)
+
+    compare.__name__ = compare.__qualname__ = op
+    compare.__doc__ = f"Elementwise ``{op}`` comparison after type promotion; a bool tensor."
+    return compare
+
+
+eq = _compare(_eq, "eq")
+ne = _compare(_ne, "ne")
+lt = _compare(_lt, "lt")
+le = _compare(_le, "le")
+gt = _compare(_gt, "gt")
+ge = _compare(_ge, "ge")
+not_equal, less, less_equal, greater, greater_equal = ne, lt, le, gt, ge
+
+
+def _as_bool(x: Tensor) -> Tensor:
+    return x if x._data.dtype == np.bool_ else cast(x, dtypes.bool_)
+
+
+def logical_not(input: Tensor) -> Tensor:
+    """True where ``input`` is zero (False)."""
+    return _logical_not(_as_bool(_tensor(input, "logical_not")))
+
+
+def _logical(prim, op):
+    def logical(input: Tensor, other: Tensor) -> Tensor:
+        a = _as_bool(_tensor(input, op))
+        b = _as_bool(_tensor(other, op, "other", 2))
+        return prim(a, b)
+
+    logical.__name__ = logical.__qualname__ = op
+    logical.__doc__ = f"Elementwise ``{op}`` of the truth values of two tensors (any dtype)."
+    return logical
+
+
+logical_and = _logical(_logical_and, "logical_and")
+logical_or = _logical(_logical_or, "logical_or")
+logical_xor = _logical(_logical_xor, "logical_xor")
+
+
+def _integral(x: Tensor, op: str) -> None:
+    if x._data.dtype.kind == "f":
+        raise NotImplementedError(f'"{op}_cpu" not implemented for \'{_tname(x)}\'')
+
+
+def bitwise_not(input: Tensor) -> Tensor:
+    """``~input``: bitwise NOT of integers, logical NOT of bools."""
+    _integral(_tensor(input, "bitwise_not"), "bitwise_not")
+    return _bitwise_not(input)
+
+
+def _bitwise_binary(prim, op):
+    def bitwise(input, other) -> Tensor:
+        a, b = binary_operands(input, other, op)
+        _integral(a, op)
+        return prim(a, b)
+
+    bitwise.__name__ = bitwise.__qualname__ = op
+    bitwise.__doc__ = f"Elementwise ``{op}`` of integer or bool tensors."
+    return bitwise
+
+
+bitwise_and = _bitwise_binary(_bitwise_and, "bitwise_and")
+bitwise_or = _bitwise_binary(_bitwise_or, "bitwise_or")
+bitwise_xor = _bitwise_binary(_bitwise_xor, "bitwise_xor")
+
+
+def _invert(self: Tensor) -> Tensor:
+    if self._data.dtype.kind == "f":
+        raise TypeError("~ (operator.invert) is only implemented on integer and Boolean-type "
+                        "tensors")
+    return _bitwise_not(self)
+
+
+def isnan(input: Tensor) -> Tensor:
+    """True where ``input`` is NaN."""
+    return _isnan(_tensor(input, "isnan"))
+
+
+def isinf(input: Tensor) -> Tensor:
+    """True where ``input`` is +-inf."""
+    return _isinf(_tensor(input, "isinf"))
+
+
+def isfinite(input: Tensor) -> Tensor:
+    """True where ``input`` is neither NaN nor infinite."""
+    return _isfinite(_tensor(input, "isfinite"))
+
+
+def equal(input: Tensor, other: Tensor) -> bool:
+    """True when both tensors have the same shape and the same values.
+
+    >>> import kiln
+    >>> kiln.equal(kiln.tensor([1, 2]), kiln.tensor([1.0, 2.0]))
+    True
+    """
+    a = _tensor(input, "equal")._data
+    b = _tensor(other, "equal", "other", 2)._data
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def isclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,
+            equal_nan: bool = False) -> Tensor:
+    """``|input - other| <= atol + rtol * |other|`` elementwise (and exact equality, which
+    covers infinities)."""
+    _tensor(input, "isclose")
+    _tensor(other, "isclose", "other", 2)
+    if input._data.dtype != other._data.dtype:
+        raise RuntimeError(f"isclose: {_tname(input)} did not match {_tname(other)}")
+    if rtol < 0:
+        raise RuntimeError(f"isclose: rtol must be greater than or equal to zero, but got {rtol}")
+    if atol < 0:
+        raise RuntimeError(f"isclose: atol must be greater than or equal to zero, but got {atol}")
+    a, b = input.detach(), other.detach()
+    close = _eq(a, b)
+    if equal_nan and a._data.dtype.kind == "f":
+        close = _logical_or(close, _logical_and(_isnan(a), _isnan(b)))
+    if rtol == 0 and atol == 0:
+        return close
+    if a._data.dtype == np.bool_:
+        a, b = float_operand(a), float_operand(b)
+    allowed = add(abs(mul(b, rtol)), atol)  # the same steps as PyTorch, in its dtypes
+    actual = abs(sub(a, b))
+    return _logical_or(close, _logical_and(_isfinite(actual), le(actual, allowed)))
+
+
+def allclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,
+             equal_nan: bool = False) -> bool:
+    """True when ``isclose`` holds everywhere.
+
+    >>> import kiln
+    >>> kiln.allclose(kiln.tensor([1.0, 2.0]), kiln.tensor([1.0, 2.0 + 1e-9]))
+    True
+    """
+    return bool(isclose(input, other, rtol, atol, equal_nan)._data.all())
+
+
+# -- math functions ------------------------------------------------------------------------------
+
+def _unary_infer(shapes, dts, **attrs):
+    return shapes[0], np.dtype(dts[0])
+
+
+def _unary(name, *, save=(), save_out=False):
+    def wrap(impl):
+        prim = primitive(name, traits={"elementwise"}, save=save, save_out=save_out)(impl)
+        prim.def_infer(_unary_infer)
+        return prim
+
+    return wrap
+
+
+@_unary("exp", save_out=True)
 def _exp(x):
     return np.exp(x)
 
@@ -199,30 +842,671 @@ def _exp_vjp(g, node):
     return (g * node.out,)
 
 
-def exp(input: Tensor) -> Tensor:
-    return _exp(float_operand(input))
+@_unary("expm1", save_out=True)
+def _expm1(x):
+    return np.expm1(x)
+
+
+@_expm1.def_vjp
+def _expm1_vjp(g, node):
+    return (g * (node.out + 1),)
+
+
+@_unary("log", save=(0,))
+def _log(x):
+    return np.log(x)
+
+
+@_log.def_vjp
+def _log_vjp(g, node):
+    return (g / node.inputs[0],)
+
+
+@_unary("log1p", save=(0,))
+def _log1p(x):
+    return np.log1p(x)
+
+
+@_log1p.def_vjp
+def _log1p_vjp(g, node):
+    return (g / (node.inputs[0] + 1),)
+
+
+@_unary("log2", save=(0,))
+def _log2(x):
+    return np.log2(x)
+
+
+@_log2.def_vjp
+def _log2_vjp(g, node):
+    return (g / (node.inputs[0] * math.log(2.0)),)
+
+
+@_unary("sqrt", save_out=True)
+def _sqrt(x):
+    return np.sqrt(x)
+
+
+@_sqrt.def_vjp
+def _sqrt_vjp(g, node):
+    return (g / (node.out * 2),)
+
+
+@_unary("sin", save=(0,))
+def _sin(x):
+    return np.sin(x)
+
+
+@_sin.def_vjp
+def _sin_vjp(g, node):
+    return (g * cos(node.inputs[0]),)
+
+
+@_unary("cos", save=(0,))
+def _cos(x):
+    return np.cos(x)
+
+
+@_cos.def_vjp
+def _cos_vjp(g, node):
+    return (g * -sin(node.inputs[0]),)
+
+
+@_unary("tanh", save_out=True)
+def _tanh(x):
+    return np.tanh(x)
+
+
+@_tanh.def_vjp
+def _tanh_vjp(g, node):
+    y = node.out
+    return (g * (1 - y * y),)
+
+
+@_unary("sigmoid", save_out=True)
+@_nd
+def _sigmoid(x):
+    # 1 / (1 + exp(-x)), as PyTorch computes it: exp overflows to inf for x < -88 (float32) and
+    # the result is the correct 0; every step writes into one buffer
+    t = np.negative(x)
+    np.exp(t, out=t)
+    t += 1
+    return np.reciprocal(t, out=t)
+
+
+@_sigmoid.def_vjp
+def _sigmoid_vjp(g, node):
+    y = node.out
+    return (g * (1 - y) * y,)
+
+
+# erf: numpy has none, so a rational approximation evaluated in float64, in cache-sized chunks
+# (memory traffic, not arithmetic, dominates numpy kernels on large arrays).
+# float32/float16: Eigen's and XLA's approximation x P(x^2) / Q(x^2) on [-4, 4] (relative error
+# under 1e-7, so the result is within an ulp or so of PyTorch's).
+_ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+            -1.60960333262415e-02)
+_ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+            -7.37332916720468e-03, -1.42647390514189e-02)
+# float64: Cephes' ndtr.c (S. Moshier): erf(x) = x T(x^2) / U(x^2) for |x| <= 1, and
+# 1 - exp(-x^2) P(|x|) / Q(|x|) above (U and Q are monic; erf(x) rounds to 1 beyond |x| = 6)
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+_ERF_CHUNK = 16384
+
+
+def _horner(x, coefs, out, monic=False):
+    """Evaluate the polynomial (highest power first; ``monic``: a leading 1 not listed) into
+    ``out``, in place."""
+    if monic:
+        np.add(x, coefs[0], out=out)
+        rest = coefs[1:]
+    else:
+        np.multiply(x, coefs[0], out=out)
+        out += coefs[1]
+        rest = coefs[2:]
+    for c in rest:
+        out *= x
+        out += c
+    return out
+
+
+def _erf_np(x: np.ndarray) -> np.ndarray:
+    """erf of a float array, in its dtype."""
+    flat = x.reshape(-1)
+    n = flat.size
+    out = np.empty(n, x.dtype)
+    m = builtins.min(n, _ERF_CHUNK)
+    a, z, p, q = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+    wide = x.dtype == np.float64
+    for s in range(0, n, _ERF_CHUNK):
+        k = builtins.min(_ERF_CHUNK, n - s)
+        xs, o = flat[s:s + k], out[s:s + k]
+        ak, zk, pk, qk = a[:k], z[:k], p[:k], q[:k]
+        if not wide:
+            np.clip(xs, -4.0, 4.0, out=ak)
+            np.multiply(ak, ak, out=zk)
+            _horner(zk, _ERF32_P, pk)
+            _horner(zk, _ERF32_Q, qk)
+            pk /= qk
+            np.multiply(pk, ak, out=o)
+            continue
+        np.abs(xs, out=ak)
+        small = ak <= 1.0  # NaN goes to the large branch, which keeps it NaN
+        nsmall = np.count_nonzero(small)
+        if nsmall:
+            np.multiply(xs, xs, out=zk)
+            _horner(zk, _ERF_T, pk)
+            _horner(zk, _ERF_U, qk, monic=True)
+            pk *= xs
+            np.divide(pk, qk, out=o)
+        if nsmall < k:
+            np.minimum(ak, 6.0, out=ak)
+            np.multiply(ak, ak, out=zk)
+            np.negative(zk, out=zk)
+            np.exp(zk, out=zk)
+            _horner(ak, _ERFC_P, pk)
+            _horner(ak, _ERFC_Q, qk, monic=True)
+            pk *= zk
+            pk /= qk
+            np.subtract(1.0, pk, out=pk)
+            np.copysign(pk, xs, out=pk)
+            np.copyto(o, pk, where=~small)
+    return out.reshape(x.shape)
+
+
+@_unary("erf", save=(0,))
+def _erf(x):
+    return _erf_np(x)
+
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+@_erf.def_vjp
+def _erf_vjp(g, node):
+    x = node.inputs[0]
+    return (g * (exp(-(x * x)) * _TWO_OVER_SQRT_PI),)
+
+
+def _rounding(name, fn):
+    prim = _unary(name)(fn)
+    prim.def_vjp(_zero_grads)
+    return prim
+
+
+_floor = _rounding("floor", np.floor)
+_ceil = _rounding("ceil", np.ceil)
+_trunc = _rounding("trunc", np.trunc)
+
+
+@_unary("round")
+def _round(x, decimals):
+    # round half to even; with decimals, rint(x * 10**d) / 10**d (or its mirror for d < 0),
+    # which is PyTorch's formula too
+    return np.rint(x) if decimals == 0 else np.round(x, decimals)
+
+
+_round.def_vjp(_zero_grads)
+
+
+def _float_fn(prim, op, doc):
+    def fn(input: Tensor) -> Tensor:
+        return prim(_float_input(input, op))
+
+    fn.__name__ = fn.__qualname__ = op
+    fn.__doc__ = doc
+    return fn
+
+
+exp = _float_fn(_exp, "exp", "``e ** input`` (integers give floats).")
+expm1 = _float_fn(_expm1, "expm1", "``exp(input) - 1``, accurate near 0.")
+log = _float_fn(_log, "log", "Natural logarithm (-inf at 0, NaN below).")
+log1p = _float_fn(_log1p, "log1p", "``log(1 + input)``, accurate near 0.")
+log2 = _float_fn(_log2, "log2", "Base-2 logarithm.")
+sqrt = _float_fn(_sqrt, "sqrt", "Square root (its gradient at 0 is inf).")
+sin = _float_fn(_sin, "sin", "Sine.")
+cos = _float_fn(_cos, "cos", "Cosine.")
+tanh = _float_fn(_tanh, "tanh", "Hyperbolic tangent.")
+sigmoid = _float_fn(_sigmoid, "sigmoid", "``1 / (1 + exp(-input))``.")
+erf = _float_fn(_erf, "erf", "The error function ``2/sqrt(pi) * integral_0^x exp(-t^2) dt``.")
+
+
+def rsqrt(input: Tensor) -> Tensor:
+    """``1 / sqrt(input)``."""
+    return reciprocal(sqrt(input))
+
+
+def _rounding_fn(prim, op, doc):
+    def fn(input: Tensor) -> Tensor:
+        kind = _tensor(input, op)._data.dtype.kind
+        if kind == "f":
+            return prim(input)
+        if kind == "b":
+            raise NotImplementedError(f"\"{op}_vml_cpu\" not implemented for 'Bool'")
+        return clone(input)  # integers are already whole
+
+    fn.__name__ = fn.__qualname__ = op
+    fn.__doc__ = doc
+    return fn
+
+
+floor = _rounding_fn(_floor, "floor", "The largest integer not above each element.")
+ceil = _rounding_fn(_ceil, "ceil", "The smallest integer not below each element.")
+trunc = _rounding_fn(_trunc, "trunc", "Each element rounded toward zero.")
+
+
+def round(input: Tensor, *, decimals: int = 0) -> Tensor:  # noqa: A001 - PyTorch's name
+    """Round half to even, to ``decimals`` decimal places.
+
+    >>> import kiln
+    >>> kiln.round(kiln.tensor([0.5, 1.5, 2.5, 1.2345]))
+    tensor([0., 2., 2., 1.])
+    """
+    kind = _tensor(input, "round")._data.dtype.kind
+    if kind == "f":
+        return _round(input, decimals=int(decimals))
+    if kind == "b" or decimals:
+        raise NotImplementedError(f"\"round_cpu\" not implemented for '{_tname(input)}'")
+    return clone(input)
+
+
+# -- activations ---------------------------------------------------------------------------------
+
+@_unary("relu", save_out=True)
+def _relu(x):
+    return np.maximum(x, 0)  # keeps NaN, like PyTorch
+
+
+@_relu.def_vjp
+def _relu_vjp(g, node):
+    # the gradient at exactly 0 is 0 (PyTorch's threshold_backward on the result)
+    return (_where(node.out > 0, g, _zero(g)),)
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``max(input, 0)``; the gradient at 0 is 0.
+
+    >>> import kiln
+    >>> kiln.relu(kiln.tensor([-1.0, 0.0, 2.0]))
+    tensor([0., 0., 2.])
+    """
+    if _tensor(input, "relu")._data.dtype == np.bool_:
+        raise RuntimeError("Boolean inputs not supported for relu")
+    if inplace:
+        return apply_inplace(_relu, input, (), {})
+    return _relu(input)
+
+
+def relu_(input: Tensor) -> Tensor:
+    """In-place ``relu``."""
+    return relu(input, inplace=True)
+
+
+_SQRT1_2 = math.sqrt(0.5)
+_GELU_TANH_BETA = math.sqrt(2.0 / math.pi)
+_GELU_TANH_KAPPA = 0.044715
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@_unary("gelu", save=(0,))
+@_nd
+def _gelu(x, approximate):
+    if approximate == "tanh":
+        inner = x * x
+        inner *= x
+        inner *= _GELU_TANH_KAPPA
+        inner += x
+        inner *= _GELU_TANH_BETA
+        np.tanh(inner, out=inner)
+    else:
+        inner = _erf_np(x * _SQRT1_2)
+    inner += 1
+    inner *= x
+    inner *= 0.5
+    return inner
+
+
+@_gelu.def_vjp
+def _gelu_vjp(g, node):
+    x = node.inputs[0]
+    if node.attrs["approximate"] == "tanh":
+        x_sq = x * x
+        t = tanh((x + x_sq * x * _GELU_TANH_KAPPA) * _GELU_TANH_BETA)
+        left = x * 0.5
+        right = t + 1
+        d_inner = (x_sq * (3 * _GELU_TANH_KAPPA) + 1) * _GELU_TANH_BETA
+        return (g * (right * 0.5 + left * (1 - t * t) * d_inner),)
+    cdf = (erf(x * _SQRT1_2) + 1) * 0.5
+    pdf = exp(x * x * -0.5) * _INV_SQRT_2PI
+    return (g * (cdf + x * pdf),)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """``x * Phi(x)`` (Phi the normal CDF), or its tanh approximation.
+
+    >>> import kiln
+    >>> kiln.gelu(kiln.tensor([0.0, 1.0]))
+    tensor([0.0000, 0.8413])
+    """
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError("approximate argument must be either none or tanh.")
+    return _gelu(_float_only(input, "GeluKernelImpl"), approximate=approximate)
+
+
+@_unary("softplus", save=(0,))
+def _softplus(x, beta, threshold):
+    bx = x * beta if beta != 1 else x
+    out = np.logaddexp(0, bx)  # log(1 + exp(bx)) without overflow
+    if beta != 1:
+        out /= beta
+    if threshold == math.inf:
+        return out
+    return np.where(bx > threshold, x, out)
+
+
+@_softplus.def_vjp
+def _softplus_vjp(g, node):
+    x = node.inputs[0]
+    beta, threshold = node.attrs["beta"], node.attrs["threshold"]
+    bx = x * beta if beta != 1 else x
+    gs = g * sigmoid(bx)  # exp(bx) / (1 + exp(bx)), stable for large bx
+    if threshold == math.inf:
+        return (gs,)
+    return (_where(bx > threshold, g, gs),)
+
+
+def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """``log(1 + exp(beta * x)) / beta``, and ``x`` itself where ``beta * x > threshold``."""
+    return _softplus(_float_only(input, "softplus"), beta=beta, threshold=threshold)
+
+
+def logsigmoid(input: Tensor) -> Tensor:
+    """``log(sigmoid(x))``, computed as ``-softplus(-x)`` so that it never overflows."""
+    x = _float_only(input, "log_sigmoid_forward")
+    return _neg(_softplus(_neg(x), beta=1.0, threshold=math.inf))
+
+
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``x * sigmoid(x)``."""
+    x = _float_only(input, "silu")
+    if inplace:
+        return _assign_from(x, lambda s: s * _sigmoid(s), "silu_")
+    return x * _sigmoid(x)
+
+
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """``x`` where ``x > 0``, else ``negative_slope * x`` (the slope applies at 0 too)."""
+    x = _float_only(input, "leaky_relu")
+
+    def fn(s):
+        return _where(s > 0, s, s * negative_slope)
+
+    return _assign_from(x, fn, "leaky_relu_") if inplace else fn(x)
+
+
+def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``."""
+    x = _float_only(input, "elu")
+
+    def fn(s):
+        # the clamp keeps exp away from overflow in the branch that is not taken, whose
+        # gradient (0 * inf) would otherwise be NaN
+        return _where(s > 0, s, _expm1(clamp_max(s, 0)) * alpha)
+
+    return _assign_from(x, fn, "elu_") if inplace else fn(x)
+
+
+@_unary("hardtanh", save=(0,))
+def _hardtanh(x, min_val, max_val):
+    t = x.dtype.type
+    return np.clip(x, t(min_val), t(max_val))
+
+
+@_hardtanh.def_vjp
+def _hardtanh_vjp(g, node):
+    x = node.inputs[0]
+    lo, hi = node.attrs["min_val"], node.attrs["max_val"]
+    # unlike clamp, no gradient at the boundaries themselves (PyTorch's hardtanh_backward)
+    return (_where((x <= lo) | (x >= hi), _zero(g), g),)
+
+
+def hardtanh(input: Tensor, min_val: float = -1.0, max_val: float = 1.0,
+             inplace: bool = False) -> Tensor:
+    """``input`` clamped to ``[min_val, max_val]``; zero gradient at and beyond the bounds."""
+    _tensor(input, "hardtanh")
+    if min_val > max_val:
+        raise ValueError("min_val cannot be greater than max_val")
+    if inplace:
+        return apply_inplace(_hardtanh, input, (), {"min_val": min_val, "max_val": max_val})
+    return _hardtanh(input, min_val=min_val, max_val=max_val)
+
+
+def relu6(input: Tensor, inplace: bool = False) -> Tensor:
+    """``min(max(x, 0), 6)`` (hardtanh on [0, 6])."""
+    return hardtanh(input, 0.0, 6.0, inplace)
+
+
+# -- clamp, where, masked_fill -------------------------------------------------------------------
+
+@primitive("clamp", traits={"elementwise"}, save=(0, 1, 2))
+def _clamp(x, lo, hi, has_min, has_max):
+    # a missing bound is passed as a 0-d placeholder (so inputs and saved positions stay fixed)
+    if has_min and has_max:
+        return np.clip(x, lo, hi)  # min(max(x, lo), hi): hi wins where lo > hi, NaN propagates
+    if has_min:
+        return np.maximum(x, lo)
+    return np.minimum(x, hi)
+
+
+@_clamp.def_infer
+def _clamp_infer(shapes, dts, has_min, has_max):
+    used = [shapes[0]] + ([shapes[1]] if has_min else []) + ([shapes[2]] if has_max else [])
+    return broadcast_shape("clamp", *used), np.dtype(dts[0])
+
+
+@_clamp.def_vjp
+def _clamp_vjp(g, node):
+    # PyTorch's clamp_backward and clamp_backward_min_max, mask for mask
+    x, lo, hi = node.inputs
+    nx, nlo, nhi = node.needs
+    has_min, has_max = node.attrs["has_min"], node.attrs["has_max"]
+    zero = _zero(g)
+    gx = glo = ghi = None
+    if nx:
+        if has_min and has_max:
+            mask = (x >= lo) & (x <= hi)
+        else:
+            mask = x >= lo if has_min else x <= hi
+        gx = sum_to(_where(mask, g, zero), x._data.shape)
+    if nlo and has_min:
+        mask = (x < lo) & (lo < hi) if has_max else x < lo
+        glo = sum_to(_where(mask, g, zero), lo._data.shape)
+    if nhi and has_max:
+        mask = (x > hi) | (hi < lo) if has_min else x > hi
+        ghi = sum_to(_where(mask, g, zero), hi._data.shape)
+    return gx, glo, ghi
+
+
+def _clamp_operands(input, min, max, op):  # noqa: A002 - PyTorch's argument names
+    """The result dtype and both bounds as tensors of it (a placeholder for a missing one)."""
+    _tensor(input, op)
+    if min is None and max is None:
+        raise RuntimeError(f"torch.{op}: At least one of 'min' or 'max' must not be None")
+    bounds = [b for b in (min, max) if b is not None]
+    for b in bounds:
+        if not isinstance(b, (Tensor, *_NUMBER)):
+            raise TypeError(f"{op}(): min and max must be Tensors or numbers, got "
+                            f"{type(b).__name__}")
+    dt = dtypes.result_type(input, *bounds)
+    lo, hi = (_make(np.zeros((), dt.np)) if b is None else as_operand(b, dt, op)
+              for b in (min, max))
+    return dt, lo, hi
+
+
+def clamp(input: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
+    """``input`` limited to ``[min, max]`` (numbers or tensors; either may be None).
+
+    The gradient flows to ``input`` where ``min <= input <= max`` (boundaries included) and to
+    the bound that was taken elsewhere.
+
+    >>> import kiln
+    >>> kiln.tensor([-2.0, 0.5, 3.0]).clamp(min=0, max=1)
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    dt, lo, hi = _clamp_operands(input, min, max, "clamp")
+    x = input if input._data.dtype == dt.np else cast(input, dt)
+    return _clamp(x, lo, hi, has_min=min is not None, has_max=max is not None)
+
+
+clip = clamp
+
+
+def clamp_min(input: Tensor, min) -> Tensor:  # noqa: A002
+    """``clamp(input, min=min)``."""
+    return clamp(input, min, None)
+
+
+def clamp_max(input: Tensor, max) -> Tensor:  # noqa: A002
+    """``clamp(input, max=max)``."""
+    return clamp(input, None, max)
+
+
+@primitive("where", traits={"elementwise"}, save=(0,))
+def _where(cond, x, y):
+    return np.where(cond, x, y)
+
+
+@_where.def_infer
+def _where_infer(shapes, dts):
+    return broadcast_shape("where", *shapes), np.dtype(dts[1])
+
+
+@_where.def_vjp
+def _where_vjp(g, node):
+    c, x, y = node.inputs
+    _, nx, ny = node.needs
+    zero = _zero(g)
+    return (None,
+            sum_to(_where(c, g, zero), x._data.shape) if nx else None,
+            sum_to(_where(c, zero, g), y._data.shape) if ny else None)
+
+
+def _check_mask(mask, op: str, what: str = "masks") -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{op}(): argument 'mask' must be Tensor, not {type(mask).__name__}")
+    if mask._data.dtype != np.bool_:
+        raise RuntimeError(f"{op} only supports boolean {what}, but got mask with dtype "
+                           f"{mask.dtype.name}")
+
+
+def where(condition: Tensor, input=None, other=None):
+    """``input`` where ``condition`` holds, else ``other`` (numbers allowed, promoted).
+
+    With only ``condition``, the indices of its True elements (``nonzero(as_tuple=True)``).
+
+    >>> import kiln
+    >>> x = kiln.tensor([-1.0, 2.0])
+    >>> kiln.where(x > 0, x, 0.0)
+    tensor([0., 2.])
+    """
+    if not isinstance(condition, Tensor):
+        raise TypeError(f"where(): argument 'condition' (position 1) must be Tensor, not "
+                        f"{type(condition).__name__}")
+    if input is None and other is None:
+        return tuple(_make(i.astype(np.int64)) for i in np.nonzero(condition._data))
+    if condition._data.dtype != np.bool_:
+        raise RuntimeError("where expected condition to be a boolean tensor, but got a tensor "
+                           f"with dtype {_tname(condition)}")
+    if (isinstance(input, Tensor) and isinstance(other, Tensor)
+            and input._data.dtype == other._data.dtype):
+        return _where(condition, input, other)
+    for v in (input, other):
+        if not isinstance(v, (Tensor, *_NUMBER)):
+            raise TypeError(f"where(): expected a Tensor or a number, got {type(v).__name__}")
+    dt = dtypes.result_type(input, other)
+    return _where(condition, as_operand(input, dt, "where"), as_operand(other, dt, "where"))
+
+
+def _fill_value(value, self: Tensor, op: str) -> Tensor:
+    """``value`` (a number or a 0-d tensor) as a 0-d tensor of ``self``'s dtype."""
+    if isinstance(value, Tensor):
+        if value._data.ndim:
+            raise RuntimeError(f"{op} only supports a 0-dimensional value tensor, but got tensor "
+                               f"with {value._data.ndim} dimension(s).")
+        return value if value._data.dtype == self._data.dtype else cast(value, self.dtype)
+    if isinstance(value, _NUMBER):
+        return _make(np.array(value).astype(self._data.dtype))
+    raise TypeError(f"{op}(): argument 'value' must be a number or a Tensor, got "
+                    f"{type(value).__name__}")
+
+
+def masked_fill(input: Tensor, mask: Tensor, value) -> Tensor:
+    """``input`` with ``value`` where ``mask`` is True; the result keeps ``input``'s dtype.
+
+    >>> import kiln
+    >>> kiln.zeros(3).masked_fill(kiln.tensor([True, False, True]), 5.0)
+    tensor([5., 0., 5.])
+    """
+    _tensor(input, "masked_fill")
+    _check_mask(mask, "masked_fill")
+    if mask._data.shape != input._data.shape:
+        broadcast_shape("masked_fill", input._data.shape, mask._data.shape)
+    return _where(mask, _fill_value(value, input, "masked_fill"), input)
 
 
 # -- in-place variants ---------------------------------------------------------------------------
 
+def _cast_error(op: str, result, target: Tensor) -> RuntimeError:
+    return RuntimeError(f"{op}: result type {_tname(result)} can't be cast to the desired output "
+                        f"type {_tname(target)}")
+
+
+def _assign(self: Tensor, result: Tensor, op: str) -> Tensor:
+    """Write ``result`` (computed out of place) into ``self``: autograd records a copy whose
+    gradient flows to ``result``, not to ``self``'s old value."""
+    if result.dtype._category > self.dtype._category:
+        raise _cast_error(op, result, self)
+    if result._data.dtype != self._data.dtype:
+        result = cast(result, self.dtype)
+    return apply_inplace(_copy, self, (result,), {})
+
+
+def _assign_from(self: Tensor, fn, op: str) -> Tensor:
+    """``self`` overwritten by ``fn(self)``, for in-place versions of composite ops.  When
+    autograd records, ``fn`` reads a clone so that values it saves are not overwritten."""
+    if STATE.grad_enabled and self._rg:
+        check_inplace_allowed(self)
+        return _assign(self, fn(clone(self)), op)
+    return _assign(self, fn(self), op)
+
+
 def _inplace(prim, self: Tensor, other, op: str) -> Tensor:
+    """``self.op_(other)`` for a binary primitive, with PyTorch's casting rule."""
     dt = dtypes.result_type(self, other)
     if dt._category > self.dtype._category:
-        raise RuntimeError(
-            f"{op}: result type {dt.name} can't be cast to the desired output type "
-            f"{self.dtype.name}"
-        )
-    return apply_inplace(prim, self, (as_operand(other, self.dtype, op),), {})
+        raise _cast_error(op, dt, self)
+    other = as_operand(other, self.dtype, op)
+    if 0 in prim.save and other._rg and not self._rg and STATE.grad_enabled:
+        # apply_inplace copies the target's old value only when the target itself requires
+        # grad; here the VJP (for ``other``) needs it too
+        return _assign(self, prim(clone(self), other), op)
+    return apply_inplace(prim, self, (other,), {})
 
 
-def _augmented(prim, self: Tensor, other, op: str) -> Tensor:
-    """``x[idx] += v`` reads a view, updates it and assigns it back; when the view is part of
-    the autograd graph, update out of place and let the assignment record the write."""
-    base = self._base
-    if base is not None and (base._rg or self._rg) and STATE.grad_enabled:
-        a, b = binary_operands(self, other, op)
-        return prim(a, b)
-    return _inplace(prim, self, other, op)
+def _unary_inplace(prim, self: Tensor, op: str, floating: bool = True, **attrs) -> Tensor:
+    if floating and _tensor(self, op)._data.dtype.kind != "f":
+        raise _cast_error(op, dtypes.get_default_dtype(), self)
+    return apply_inplace(prim, self, (), attrs)
 
 
 def add_(self, other, *, alpha=1):
@@ -234,6 +1518,8 @@ def add_(self, other, *, alpha=1):
 def sub_(self, other, *, alpha=1):
     if alpha != 1:
         other = mul(other, alpha)
+    if self._data.dtype == np.bool_:
+        sub(self, other)  # PyTorch's error for bools
     return _inplace(_sub, self, other, "sub_")
 
 
@@ -241,24 +1527,155 @@ def mul_(self, other):
     return _inplace(_mul, self, other, "mul_")
 
 
-def div_(self, other):
-    return _inplace(_div, self, other, "div_")
+def div_(self, other, *, rounding_mode=None):
+    if rounding_mode is None:
+        if self._data.dtype.kind != "f":
+            raise _cast_error("div_", dtypes.get_default_dtype(), self)
+        return _inplace(_div, self, other, "div_")
+    if rounding_mode not in ("floor", "trunc"):
+        div(self, other, rounding_mode=rounding_mode)  # PyTorch's error
+    return _inplace(_floor_divide if rounding_mode == "floor" else _trunc_divide, self, other,
+                    "div_")
+
+
+def pow_(self, exponent):
+    if (self._data.dtype.kind in "biu" and isinstance(exponent, numbers.Integral)
+            and exponent < 0):
+        raise RuntimeError("Integers to negative integer powers are not allowed.")
+    return _inplace(_pow, self, exponent, "pow_")
+
+
+def floor_divide_(self, other):
+    return _inplace(_floor_divide, self, other, "floor_divide_")
+
+
+def remainder_(self, other):
+    return _inplace(_remainder, self, other, "remainder_")
+
+
+def fmod_(self, other):
+    return _inplace(_fmod, self, other, "fmod_")
+
+
+def neg_(self):
+    if _tensor(self, "neg_")._data.dtype == np.bool_:
+        neg(self)  # PyTorch's error for bools
+    return apply_inplace(_neg, self, (), {})
+
+
+def abs_(self):
+    if _tensor(self, "abs_")._data.dtype == np.bool_:
+        raise NotImplementedError("\"abs_cpu\" not implemented for 'Bool'")
+    return apply_inplace(_abs, self, (), {})
+
+
+def sign_(self):
+    return apply_inplace(_sign, self, (), {})
+
+
+def _rounding_inplace(prim, op):
+    def fn(self):
+        kind = _tensor(self, op)._data.dtype.kind
+        if kind == "b":
+            raise NotImplementedError(f"\"{op[:-1]}_vml_cpu\" not implemented for 'Bool'")
+        return apply_inplace(prim, self, (), {}) if kind == "f" else self
+
+    return fn
+
+
+def round_(self, *, decimals=0):
+    if self._data.dtype.kind != "f":
+        round(self, decimals=decimals)  # PyTorch's error for bools and decimals on integers
+        return self
+    return apply_inplace(_round, self, (), {"decimals": int(decimals)})
+
+
+def clamp_(self, min=None, max=None):  # noqa: A002
+    dt, lo, hi = _clamp_operands(self, min, max, "clamp_")
+    if dt._category > self.dtype._category:
+        raise _cast_error("clamp_", dt, self)
+    return apply_inplace(_clamp, self, (cast(lo, self.dtype), cast(hi, self.dtype)),
+                         {"has_min": min is not None, "has_max": max is not None})
+
+
+def masked_fill_(self, mask, value):
+    _tensor(self, "masked_fill_")
+    _check_mask(mask, "masked_fill_")
+    v = _fill_value(value, self, "masked_fill_")
+    # where saves only the mask, so no clone of self is needed
+    return _assign(self, _where(mask, v, self), "masked_fill_")
+
+
+def lerp_(self, end, weight):
+    return _assign_from(self, lambda s: lerp(s, end, weight), "lerp_")
+
+
+def copy_(self, src, non_blocking=False):
+    """Overwrite ``self`` with ``src`` broadcast to its shape and cast to its dtype; the
+    gradient flows to ``src``."""
+    _tensor(src, "copy_", "src")
+    if src._data.dtype != self._data.dtype:
+        src = cast(src, self.dtype)
+    return apply_inplace(_copy, self, (src,), {})
+
+
+def fill_(self, value):
+    """Overwrite every element with ``value`` (a number or a 0-d tensor)."""
+    if isinstance(value, Tensor) and value._data.ndim:
+        raise RuntimeError("fill_ only supports 0-dimension value tensor but got tensor with "
+                           f"{value._data.ndim} dimensions.")
+    return apply_inplace(_copy, self, (_fill_value(value, self, "fill_"),), {})
+
+
+def zero_(self):
+    """Overwrite every element with 0."""
+    return apply_inplace(_copy, self, (_make(np.zeros((), self._data.dtype)),), {})
+
+
+def _augmented(inplace, outplace):
+    """``x op= y``.  ``x[idx] op= v`` reads a view, updates it and assigns it back; when the
+    view is part of the autograd graph, update out of place and let the assignment record the
+    write."""
+
+    def method(self, other):
+        base = self._base
+        if base is not None and (base._rg or self._rg) and STATE.grad_enabled:
+            return outplace(self, other)
+        return inplace(self, other)
+
+    return method
+
+
+def _reflected(fn):
+    def method(self, other):
+        return fn(other, self)
+
+    return method
+
+
+def _comparison(fn):
+    """``==`` and ``!=`` with anything that is not a tensor or a number fall back to Python's
+    identity comparison (``t == None`` is False), as in PyTorch."""
+
+    def method(self, other):
+        if not isinstance(other, (Tensor, *_NUMBER)):
+            return NotImplemented
+        return fn(self, other)
+
+    return method
+
+
+subtract, multiply, divide, true_divide, negative = sub, mul, div, div, neg
+absolute, sgn = abs, sign
+
+
+def _float_inplace(prim, op):
+    return lambda self: _unary_inplace(prim, self, op)
 
 
 TENSOR_METHODS = {
-    "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "exp": exp, "clone": clone,
-    "to": to, "add_": add_, "sub_": sub_, "mul_": mul_, "div_": div_,
-    "__add__": add, "__radd__": lambda self, other: add(other, self),
-    "__sub__": sub, "__rsub__": lambda self, other: sub(other, self),
-    "__mul__": mul, "__rmul__": lambda self, other: mul(other, self),
-    "__truediv__": div, "__rtruediv__": lambda self, other: div(other, self),
-    "__neg__": neg,
-    "__iadd__": lambda self, other: _augmented(_add, self, other, "add_"),
-    "__isub__": lambda self, other: _augmented(_sub, self, other, "sub_"),
-    "__imul__": lambda self, other: _augmented(_mul, self, other, "mul_"),
-    "__itruediv__": lambda self, other: _augmented(_div, self, float_operand(other)
-                                                   if isinstance(other, Tensor) else other,
-                                                   "div_"),
+    # conversions
+    "clone": clone, "to": to,
     "float": lambda self: cast(self, dtypes.float32),
     "double": lambda self: cast(self, dtypes.float64),
     "half": lambda self: cast(self, dtypes.float16),
@@ -266,4 +1683,67 @@ TENSOR_METHODS = {
     "int": lambda self: cast(self, dtypes.int32),
     "bool": lambda self: cast(self, dtypes.bool_),
     "type": lambda self, dtype=None: self.dtype if dtype is None else cast(self, dtype),
+    # arithmetic
+    "add": add, "sub": sub, "subtract": sub, "mul": mul, "multiply": mul, "div": div,
+    "divide": div, "true_divide": div, "floor_divide": floor_divide, "remainder": remainder,
+    "fmod": fmod, "pow": pow, "neg": neg, "negative": neg, "positive": positive,
+    "reciprocal": reciprocal, "square": square, "maximum": maximum, "minimum": minimum,
+    "abs": abs, "absolute": abs, "sign": sign, "sgn": sign, "lerp": lerp,
+    # comparisons and logic
+    "eq": eq, "ne": ne, "not_equal": ne, "lt": lt, "less": lt, "le": le, "less_equal": le,
+    "gt": gt, "greater": gt, "ge": ge, "greater_equal": ge,
+    "logical_not": logical_not, "logical_and": logical_and, "logical_or": logical_or,
+    "logical_xor": logical_xor, "bitwise_not": bitwise_not, "bitwise_and": bitwise_and,
+    "bitwise_or": bitwise_or, "bitwise_xor": bitwise_xor, "isnan": isnan, "isinf": isinf,
+    "isfinite": isfinite, "equal": equal, "allclose": allclose, "isclose": isclose,
+    # math
+    "exp": exp, "expm1": expm1, "log": log, "log1p": log1p, "log2": log2, "sqrt": sqrt,
+    "rsqrt": rsqrt, "sin": sin, "cos": cos, "tanh": tanh, "sigmoid": sigmoid, "floor": floor,
+    "ceil": ceil, "round": round, "trunc": trunc, "erf": erf, "relu": relu,
+    # selection
+    "clamp": clamp, "clip": clamp, "clamp_min": clamp_min, "clamp_max": clamp_max,
+    "where": lambda self, condition, other: where(condition, self, other),
+    "masked_fill": masked_fill,
+    # in place
+    "add_": add_, "sub_": sub_, "subtract_": sub_, "mul_": mul_, "multiply_": mul_, "div_": div_,
+    "divide_": div_, "pow_": pow_, "floor_divide_": floor_divide_, "remainder_": remainder_,
+    "fmod_": fmod_, "neg_": neg_, "negative_": neg_, "abs_": abs_, "absolute_": abs_,
+    "sign_": sign_, "relu_": relu_, "clamp_": clamp_, "clip_": clamp_,
+    "clamp_min_": lambda self, min: clamp_(self, min, None),  # noqa: A002
+    "clamp_max_": lambda self, max: clamp_(self, None, max),  # noqa: A002
+    "exp_": _float_inplace(_exp, "exp_"), "expm1_": _float_inplace(_expm1, "expm1_"),
+    "log_": _float_inplace(_log, "log_"), "log1p_": _float_inplace(_log1p, "log1p_"),
+    "log2_": _float_inplace(_log2, "log2_"), "sqrt_": _float_inplace(_sqrt, "sqrt_"),
+    "sin_": _float_inplace(_sin, "sin_"), "cos_": _float_inplace(_cos, "cos_"),
+    "tanh_": _float_inplace(_tanh, "tanh_"), "sigmoid_": _float_inplace(_sigmoid, "sigmoid_"),
+    "erf_": _float_inplace(_erf, "erf_"),
+    "reciprocal_": lambda self: _assign_from(self, reciprocal, "reciprocal_"),
+    "rsqrt_": lambda self: _assign_from(self, rsqrt, "rsqrt_"),
+    "floor_": _rounding_inplace(_floor, "floor_"), "ceil_": _rounding_inplace(_ceil, "ceil_"),
+    "trunc_": _rounding_inplace(_trunc, "trunc_"), "round_": round_,
+    "masked_fill_": masked_fill_, "lerp_": lerp_, "copy_": copy_, "fill_": fill_,
+    "zero_": zero_,
+    # operators
+    "__add__": add, "__radd__": _reflected(add),
+    "__sub__": sub, "__rsub__": _reflected(sub),
+    "__mul__": mul, "__rmul__": _reflected(mul),
+    "__truediv__": div, "__rtruediv__": _reflected(div),
+    "__floordiv__": floor_divide, "__rfloordiv__": _reflected(floor_divide),
+    "__mod__": remainder, "__rmod__": _reflected(remainder),
+    "__pow__": pow, "__rpow__": _reflected(pow),
+    "__neg__": neg, "__pos__": positive, "__abs__": abs, "__invert__": _invert,
+    "__and__": bitwise_and, "__rand__": _reflected(bitwise_and),
+    "__or__": bitwise_or, "__ror__": _reflected(bitwise_or),
+    "__xor__": bitwise_xor, "__rxor__": _reflected(bitwise_xor),
+    "__eq__": _comparison(eq), "__ne__": _comparison(ne),
+    "__lt__": lt, "__le__": le, "__gt__": gt, "__ge__": ge,
+    "__iadd__": _augmented(add_, add), "__isub__": _augmented(sub_, sub),
+    "__imul__": _augmented(mul_, mul), "__itruediv__": _augmented(div_, div),
+    "__ifloordiv__": _augmented(floor_divide_, floor_divide),
+    "__imod__": _augmented(remainder_, remainder), "__ipow__": _augmented(pow_, pow),
+    "__iand__": _augmented(lambda s, o: _inplace(_bitwise_and, s, o, "bitwise_and_"),
+                           bitwise_and),
+    "__ior__": _augmented(lambda s, o: _inplace(_bitwise_or, s, o, "bitwise_or_"), bitwise_or),
+    "__ixor__": _augmented(lambda s, o: _inplace(_bitwise_xor, s, o, "bitwise_xor_"),
+                           bitwise_xor),
 }

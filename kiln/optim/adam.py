@@ -1,0 +1,132 @@
+"""Adam and AdamW, as PyTorch's single-tensor implementation (same formulas, same state)."""
+
+from __future__ import annotations
+
+from kiln import creation
+from kiln.ops import elementwise as _ew
+from kiln.optim.optimizer import (
+    Optimizer,
+    check_differentiable,
+    check_lr,
+    check_nonneg,
+    eval_closure,
+    step_no_grad,
+    to_scalar,
+)
+from kiln.tensor import Tensor
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with optional L2 ``weight_decay``, ``amsgrad`` and ``maximize``.
+
+    With ``decoupled_weight_decay=True`` it is AdamW.  ``foreach``, ``fused`` and
+    ``capturable`` are accepted for compatibility and select the same implementation.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach=None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused=None, decoupled_weight_decay: bool = False) -> None:
+        check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        b0, b1 = to_scalar(betas[0]), to_scalar(betas[1])
+        if not 0.0 <= b0 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= b1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_nonneg(weight_decay, "weight_decay")
+        if not (isinstance(betas[0], float) and isinstance(betas[1], float)) and not (
+            isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")  # noqa: TRY004
+        check_differentiable(differentiable)
+        defaults = {
+            "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+            "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
+            "capturable": capturable, "differentiable": differentiable, "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def _init_state(self, state: dict, p, amsgrad: bool) -> None:
+        state["step"] = creation.zeros(())
+        state["exp_avg"] = creation.zeros_like(p)
+        state["exp_avg_sq"] = creation.zeros_like(p)
+        if amsgrad:
+            state["max_exp_avg_sq"] = creation.zeros_like(p)
+
+    @step_no_grad
+    def step(self, closure=None):
+        """One Adam update of every parameter that has a gradient."""
+        loss = eval_closure(closure)
+        state_of = self.state
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            beta1, beta2 = to_scalar(beta1), to_scalar(beta2)
+            lr = to_scalar(group["lr"])
+            weight_decay = group["weight_decay"]
+            eps = group["eps"]
+            amsgrad = group["amsgrad"]
+            maximize = group["maximize"]
+            decoupled = group["decoupled_weight_decay"]
+            one_minus_beta1 = 1 - beta1
+            one_minus_beta2 = 1 - beta2
+            decay = 1 - lr * weight_decay
+            cached_step = None
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                state = state_of[p]
+                if len(state) == 0:
+                    self._init_state(state, p, amsgrad)
+                step_t = state["step"]
+                step_t.add_(1)
+                step = step_t.item()
+                if maximize:
+                    grad = _ew.neg(grad)
+                if weight_decay != 0:
+                    if decoupled:
+                        p.mul_(decay)
+                    else:
+                        grad = grad.add(p, alpha=weight_decay)
+                exp_avg = state["exp_avg"]
+                exp_avg_sq = state["exp_avg_sq"]
+                exp_avg.lerp_(grad, one_minus_beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
+                # Bias corrections are Python floats (PyTorch's non-capturable path); params of a
+                # group almost always share their step, so compute them once per group.
+                if step != cached_step:
+                    cached_step = step
+                    step_size = lr / (1 - beta1**step)
+                    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                if amsgrad:
+                    max_sq = state["max_exp_avg_sq"]
+                    max_sq.copy_(_ew.maximum(max_sq, exp_avg_sq))
+                    denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                else:
+                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+        return loss
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if isinstance(self, AdamW):
+            for group in self.param_groups:
+                group["decoupled_weight_decay"] = True
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): ``p *= 1 - lr * weight_decay``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach=None, capturable: bool = False, differentiable: bool = False,
+                 fused=None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)

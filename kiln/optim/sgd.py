@@ -1,0 +1,85 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
+
+from __future__ import annotations
+
+from kiln.ops import elementwise as _ew
+from kiln.optim.optimizer import (
+    Optimizer,
+    check_differentiable,
+    check_lr,
+    eval_closure,
+    step_no_grad,
+    to_scalar,
+)
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    """SGD as PyTorch's single-tensor implementation; ``state[p]["momentum_buffer"]`` is kept
+    only when ``momentum != 0``.
+
+    >>> import kiln
+    >>> w = kiln.tensor([1.0, 2.0], requires_grad=True)
+    >>> opt = kiln.optim.SGD([w], lr=0.1)
+    >>> (w * w).sum().backward()
+    >>> opt.step()
+    >>> w
+    tensor([0.8000, 1.6000], requires_grad=True)
+    """
+
+    def __init__(self, params, lr=1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach=None, differentiable: bool = False, fused=None) -> None:
+        check_lr(lr)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_differentiable(differentiable)
+        defaults = {
+            "lr": lr, "momentum": momentum, "dampening": dampening,
+            "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+            "foreach": foreach, "differentiable": differentiable, "fused": fused,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults)
+
+    @step_no_grad
+    def step(self, closure=None):
+        """One SGD update of every parameter that has a gradient."""
+        loss = eval_closure(closure)
+        state_of = self.state
+        for group in self.param_groups:
+            lr = to_scalar(group["lr"])
+            weight_decay = group["weight_decay"]
+            momentum = group["momentum"]
+            dampening = group["dampening"]
+            nesterov = group["nesterov"]
+            maximize = group["maximize"]
+            neg_lr = -lr
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if maximize:
+                    grad = _ew.neg(grad)
+                if weight_decay != 0:
+                    grad = grad.add(p, alpha=weight_decay)
+                if momentum != 0:
+                    state = state_of[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        # The first buffer is the gradient itself; copy it only when it is
+                        # the user's .grad (a temporary from maximize/weight decay is ours).
+                        buf = grad.detach().clone() if grad is p.grad else grad
+                        state["momentum_buffer"] = buf
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    if nesterov:
+                        grad = grad.add(buf, alpha=momentum)
+                    else:
+                        grad = buf
+                p.add_(grad, alpha=neg_lr)
+        return loss
