@@ -27,8 +27,8 @@ _sequence = itertools.count()  # creation order: consumers always come after the
 class Node:
     """One recorded primitive application: the tape entry, as data (``grad_fn`` in PyTorch)."""
 
-    __slots__ = ("prim", "inputs", "attrs", "seq", "edges", "versions", "_out", "out_version",
-                 "hooks", "retains", "__weakref__")
+    __slots__ = ("prim", "inputs", "attrs", "seq", "edges", "versions", "_out", "out_data",
+                 "out_version", "hooks", "retains", "__weakref__")
 
     def __init__(self, prim, inputs: tuple, attrs: dict):
         self.prim = prim
@@ -38,7 +38,8 @@ class Node:
         self.edges = tuple([x._node if x._node is not None else (x if x._rg else None)
                             for x in inputs])
         self.versions = tuple([inputs[k]._version[0] for k in prim.save]) if prim.save else ()
-        self._out = None
+        self._out = None  # weak reference to the output tensor (a strong one would be a cycle)
+        self.out_data = None  # the output's array, for when that tensor object is gone
         self.out_version = 0
         self.hooks = None
         self.retains = None
@@ -48,12 +49,20 @@ class Node:
         """For each input, whether its gradient is wanted (VJPs skip the others)."""
         return tuple([e is not None for e in self.edges])
 
+    def save_output(self, out: Tensor) -> None:
+        self._out = weakref.ref(out)
+        self.out_data = out._data
+        self.out_version = out._version[0]
+
     @property
     def out(self) -> Tensor:
         """The output tensor, for VJPs that reuse it (exp, sigmoid, ...)."""
-        t = self._out() if self._out is not None else None
-        if t is None:
-            raise RuntimeError(f"{self.name()}: the saved output is no longer available")
+        if self.out_data is None:
+            raise RuntimeError(_FREED)
+        t = self._out()
+        if t is None:  # the tensor object died; its values are still here
+            t = _make(self.out_data)
+            t._version = [self.out_version]
         if t._version[0] != self.out_version:
             raise _modified_error(self, t, self.out_version)
         return t
@@ -191,7 +200,7 @@ def _run(roots, retain_graph, create_graph, targets=None):
         if plain and n.hooks is None and n.retains is None:
             if n.inputs is None:
                 raise RuntimeError(_FREED)
-            if n.versions or n._out is not None:
+            if n.versions or n.out_data is not None:
                 n._check_saved()
             grads = n.prim.vjp(g, n)
         else:
@@ -212,9 +221,9 @@ def _run(roots, retain_graph, create_graph, targets=None):
                     leaf_grads[id(e)] = [e, gi]
                 else:
                     slot[1] = slot[1] + gi
-        if not retain_graph and (n.versions or n._out is not None):
+        if not retain_graph and (n.versions or n.out_data is not None):
             n.inputs = None  # free saved values, as PyTorch does
-            n._out = None
+            n.out_data = None
 
     for leaf, g in leaf_grads.values():
         if leaf._hooks:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from kiln import dtypes
@@ -47,7 +45,7 @@ def apply(prim, inputs: tuple, attrs: dict) -> Tensor:
 def _record(prim, inputs, attrs, out) -> None:
     node = Node(prim, inputs, attrs)
     if prim.save_out:
-        node._out = weakref.ref(out)
+        node.save_output(out)
     out._node = node
     out._rg = True
 
@@ -79,8 +77,7 @@ def apply_inplace(prim, target: Tensor, others: tuple, attrs: dict) -> Tensor:
         target._node = node
         target._rg = True
         if prim.save_out:
-            node._out = weakref.ref(target)
-            node.out_version = target._version[0]
+            node.save_output(target)
     return target
 
 

@@ -118,6 +118,13 @@ def _to_int64(input: Tensor) -> Tensor:
     return input
 
 
+def _all_finite(m: np.ndarray) -> bool:
+    """Cheap test on a fresh (contiguous) array of row maxima: a BLAS dot is one call and, unlike
+    a sum, cannot turn inf + -inf into a warning (a false alarm only takes the careful path)."""
+    v = m.reshape(-1)
+    return math.isfinite(np.dot(v, v))
+
+
 def _const(value, dt) -> Tensor:
     return _make(np.array(value, dt))
 
@@ -126,7 +133,8 @@ def _const(value, dt) -> Tensor:
 
 @primitive("sum", traits={"reduce"})
 def _sum(x, axes, keepdims):
-    return np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+    # ufunc.reduce directly: np.sum's Python wrapper costs more than summing a small tensor
+    return np.add.reduce(x, axis=axes, dtype=x.dtype, keepdims=keepdims)
 
 
 _sum.def_infer(_reduce_infer())
@@ -169,10 +177,19 @@ def sum_to(g: Tensor, shape: tuple) -> Tensor:
 
 @primitive("mean", traits={"reduce"})
 def _mean(x, axes, keepdims):
-    if x.size:
-        return np.mean(x, axis=axes, keepdims=keepdims)
-    with np.errstate(invalid="ignore", divide="ignore"):  # the mean of nothing is nan
-        return np.sum(x, axis=axes, keepdims=keepdims) / _count(x.shape, axes)
+    return _mean_np(x, axes, keepdims)
+
+
+def _mean_np(x, axes, keepdims):
+    n = _count(x.shape, axes)
+    acc = np.float32 if x.dtype == np.float16 else x.dtype  # as PyTorch, sum halves in float
+    s = np.add.reduce(x, axis=axes, dtype=acc, keepdims=keepdims)
+    if not n:
+        with np.errstate(invalid="ignore", divide="ignore"):  # the mean of nothing is nan
+            return (s / n).astype(x.dtype)
+    if type(s) is np.ndarray and acc == x.dtype:
+        return np.true_divide(s, n, out=s)
+    return (s / n).astype(x.dtype, copy=False)
 
 
 _mean.def_infer(_reduce_infer())
@@ -376,12 +393,12 @@ def prod(input: Tensor, dim=None, keepdim: bool = False, *, dtype=None) -> Tenso
 
 @primitive("amax", traits={"reduce"}, save=(0,), save_out=True)
 def _amax(x, axes, keepdims):
-    return np.amax(x, axis=axes, keepdims=keepdims)
+    return np.maximum.reduce(x, axis=axes, keepdims=keepdims)
 
 
 @primitive("amin", traits={"reduce"}, save=(0,), save_out=True)
 def _amin(x, axes, keepdims):
-    return np.amin(x, axis=axes, keepdims=keepdims)
+    return np.minimum.reduce(x, axis=axes, keepdims=keepdims)
 
 
 _amax.def_infer(_reduce_infer())
@@ -565,9 +582,9 @@ def _var_np(x, axes, correction, keepdims):
     n = _count(x.shape, axes)
     dof = builtins.max(0.0, n - correction)  # PyTorch divides by 0 rather than a negative
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = x - np.mean(x, axis=axes, keepdims=True) if x.size else x.copy()
+        d = x - _mean_np(x, axes, True) if x.size else x.copy()
         np.multiply(d, d, out=d)
-        return np.sum(d, axis=axes, keepdims=keepdims) / x.dtype.type(dof)
+        return np.add.reduce(d, axis=axes, keepdims=keepdims) / x.dtype.type(dof)
 
 
 @primitive("var", traits={"reduce"}, save=(0,))
@@ -679,16 +696,24 @@ def _logsumexp_np(x, axes, keepdims):
         return _logsumexp_np(x.reshape(1), (0,), False).reshape(())
     if not x.size:
         with np.errstate(divide="ignore"):
-            return np.log(np.sum(np.exp(x), axis=axes, keepdims=keepdims))
-    m = np.amax(x, axis=axes, keepdims=True)
-    m[np.isinf(m)] = 0  # rows of -inf give -inf (not nan), a +inf gives +inf, as PyTorch
+            return np.log(np.add.reduce(np.exp(x), axis=axes, keepdims=keepdims))
+    m = np.maximum.reduce(x, axis=axes, keepdims=True)
+    if not _all_finite(m):
+        # infinite maxima are replaced by 0, so rows of -inf give -inf (not nan) and a +inf
+        # gives +inf, as in PyTorch; each row's sum of exps is otherwise >= 1 (no log(0))
+        m[np.isinf(m)] = 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _logsumexp_shifted(x, m, axes, keepdims)
+    return _logsumexp_shifted(x, m, axes, keepdims)
+
+
+def _logsumexp_shifted(x, m, axes, keepdims):
     e = np.subtract(x, m)
     np.exp(e, out=e)
-    s = np.sum(e, axis=axes, keepdims=True)
-    with np.errstate(divide="ignore"):
-        np.log(s, out=s)
+    s = np.add.reduce(e, axis=axes, keepdims=True)
+    np.log(s, out=s)
     s += m
-    return s if keepdims else np.squeeze(s, axes)
+    return s if keepdims else s.reshape(_reduced_shape(x.shape, axes, False))
 
 
 _logsumexp.def_infer(_reduce_infer())
@@ -786,7 +811,11 @@ def count_nonzero(input: Tensor, dim=None) -> Tensor:
 @primitive("norm", traits={"reduce"}, save=(0,), save_out=True)
 def _norm(x, ord, axes, keepdims):
     if ord == 2:
-        return np.sqrt(np.sum(np.square(x), axis=axes, keepdims=keepdims))
+        if len(axes) == x.ndim and x.flags.c_contiguous:  # the whole tensor: one BLAS dot
+            v = x.reshape(-1)
+            out = np.sqrt(np.dot(v, v))
+            return out.reshape((1,) * x.ndim) if keepdims else out
+        return np.sqrt(np.add.reduce(np.square(x), axis=axes, keepdims=keepdims))
     a = np.abs(x)
     if ord == 1:
         return np.sum(a, axis=axes, keepdims=keepdims)
@@ -899,21 +928,39 @@ def norm(input: Tensor, p="fro", dim=None, keepdim: bool = False, dtype=None) ->
 @primitive("softmax", traits={"reduce"}, save_out=True)
 def _softmax(x, axis):
     if x.ndim == 0 or not x.size:
-        return _softmax_edge(x, np.exp(np.subtract(x, x)))
+        with np.errstate(invalid="ignore"):
+            return _softmax_edge(x, np.exp(np.subtract(x, x)))
+    m = np.maximum.reduce(x, axis=axis, keepdims=True)
+    if not _all_finite(m):
+        with np.errstate(invalid="ignore"):  # a row of -inf, or a +inf: nan, as in PyTorch
+            return _softmax_shifted(x, m, axis)
+    return _softmax_shifted(x, m, axis)
+
+
+def _softmax_shifted(x, m, axis):
     # one max, one exp and one sum, in place on the only temporary
-    e = np.subtract(x, np.amax(x, axis=axis, keepdims=True))
+    e = np.subtract(x, m)
     np.exp(e, out=e)
-    e /= np.sum(e, axis=axis, keepdims=True)
+    e /= np.add.reduce(e, axis=axis, keepdims=True)
     return e
 
 
 @primitive("log_softmax", traits={"reduce"}, save_out=True)
 def _log_softmax(x, axis):
     if x.ndim == 0 or not x.size:
-        return _softmax_edge(x, np.subtract(x, x))
-    shifted = np.subtract(x, np.amax(x, axis=axis, keepdims=True))
-    s = np.sum(np.exp(shifted), axis=axis, keepdims=True)
-    np.log(s, out=s)
+        with np.errstate(invalid="ignore"):
+            return _softmax_edge(x, np.subtract(x, x))
+    m = np.maximum.reduce(x, axis=axis, keepdims=True)
+    if not _all_finite(m):
+        with np.errstate(invalid="ignore"):
+            return _log_softmax_shifted(x, m, axis)
+    return _log_softmax_shifted(x, m, axis)
+
+
+def _log_softmax_shifted(x, m, axis):
+    shifted = np.subtract(x, m)
+    s = np.add.reduce(np.exp(shifted), axis=axis, keepdims=True)
+    np.log(s, out=s)  # s >= 1: the row maximum contributes exp(0)
     shifted -= s
     return shifted
 
