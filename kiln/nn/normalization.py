@@ -4,116 +4,333 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 import kiln
+from kiln.ops.elementwise import _tname
+from kiln.ops.registry import primitive
 from kiln.tensor import Tensor
 
 __all__ = ["batch_norm", "layer_norm", "group_norm"]
 
 
-def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-               momentum: float | None = 0.1, eps: float = 1e-5) -> Tensor:
-    """Normalize over every dim but the channel dim 1, as ``torch.nn.functional.batch_norm``.
+def _check_dtypes(kernel: str, input: Tensor, *others) -> None:
+    """PyTorch's errors for integer inputs and for parameters of another dtype."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{kernel}(): argument 'input' (position 1) must be Tensor, not "
+                        f"{type(input).__name__}")
+    if input._data.dtype.kind != "f":
+        raise NotImplementedError(f"\"{kernel}\" not implemented for '{_tname(input)}'")
+    for t in others:
+        if t is not None and t._data.dtype != input._data.dtype:
+            raise RuntimeError(f"{kernel}: mixed dtype (CPU): all inputs must share same "
+                               f"datatype (input {_tname(input)}, parameter {_tname(t)}).")
 
-    In training mode the batch statistics are used and the running statistics (if given) are
-    updated in place: ``running = (1 - momentum) * running + momentum * batch_stat``, with the
-    unbiased variance, as PyTorch.
-    """
-    if input.ndim < 2:
-        raise ValueError(f"batch_norm: expected at least 2-D input (N, C, ...), got "
-                         f"{list(input.shape)}")
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise RuntimeError(
-                f"batch_norm: {name} should contain {c} elements (the input's channel "
-                f"dimension), got shape {list(t.shape)}"
-            )
-    axes = (0,) + tuple(range(2, input.ndim))
-    shape = (1, c) + (1,) * (input.ndim - 2)
-    if training:
-        count = input.numel() // c
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{list(input.shape)}"
-            )
-        mean = input.mean(axes, keepdim=True)
-        centered = input - mean
-        var = (centered * centered).mean(axes, keepdim=True)
-        if running_mean is not None and running_var is not None:
-            with kiln.no_grad():
-                m = 0.1 if momentum is None else momentum
-                running_mean.mul_(1 - m).add_(mean.reshape(c).detach(), alpha=m)
-                unbiased = var.reshape(c).detach() * (count / (count - 1))
-                running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        out = centered * (var + eps).rsqrt()
-    else:
-        if running_mean is None or running_var is None:
-            raise RuntimeError("batch_norm: running_mean and running_var must be given in eval "
-                               "mode")
-        out = (input - running_mean.reshape(shape)) * (running_var.reshape(shape) + eps).rsqrt()
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    if bias is not None:
-        out = out + bias.reshape(shape)
+
+# -- layer_norm: a primitive (ONNX LayerNormalization) ------------------------------------------
+
+_ONES: dict = {}
+
+
+def _ones(n: int, dt) -> np.ndarray:
+    """A cached vector of ones: row sums as matrix-vector products, which BLAS does several
+    times faster than numpy's reduction over a short last axis."""
+    key = (n, dt)
+    v = _ONES.get(key)
+    if v is None:
+        v = _ONES[key] = np.ones(n, dt)
+    return v
+
+
+def _ln_stats(x2: np.ndarray, eps: float):
+    """Centred rows of the (M, D) array ``x2`` and 1 / sqrt(var + eps) per row (biased
+    variance, two passes as PyTorch)."""
+    d = x2.shape[1]
+    ones = _ones(d, x2.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (x2 @ ones) / d
+        xc = np.subtract(x2, mean[:, None])
+        var = (np.square(xc) @ ones) / d
+        var += eps
+        rstd = np.sqrt(var, out=var)
+        np.reciprocal(rstd, out=rstd)
+    return xc, rstd.astype(x2.dtype, copy=False)
+
+
+def _rows2(x: np.ndarray, k: int) -> np.ndarray:
+    d = int(np.prod(x.shape[x.ndim - k:]))
+    return x.reshape(-1, d)
+
+
+@primitive("layer_norm", save=(0,))
+def _layer_norm(x, *params, k, eps, has_weight, has_bias):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last ``k`` dims."""
+    xc, rstd = _ln_stats(_rows2(x, k), eps)
+    xc *= rstd[:, None]
+    y = xc.reshape(x.shape)
+    if has_weight:
+        y *= params[0]
+    if has_bias:
+        y += params[-1]
+    return y
+
+
+@_layer_norm.def_infer
+def _layer_norm_infer(shapes, dts, **attrs):
+    return shapes[0], dts[0]
+
+
+@_layer_norm.def_vjp
+def _layer_norm_vjp(g, node):
+    x, *params = node.inputs
+    a = node.attrs
+    k, has_w, has_b = a["k"], a["has_weight"], a["has_bias"]
+    needs = node.needs
+    parts = ("x",) * needs[0] + ("w",) * (has_w and needs[1]) + ("b",) * (has_b and needs[-1])
+    w = (params[0],) if has_w else ()
+    if parts == ("x",):
+        return (_layer_norm_backward(x, g, *w, k=k, eps=a["eps"], parts=parts),) + (None,) * (
+            len(params))
+    packed = _layer_norm_backward(x, g, *w, k=k, eps=a["eps"], parts=parts)
+    pieces = _unpack(packed, parts, x.shape, k)
+    grads = [pieces.get("x")]
+    if has_w:
+        grads.append(pieces.get("w"))
+    if has_b:
+        grads.append(pieces.get("b"))
+    return tuple(grads)
+
+
+def _unpack(packed: Tensor, parts: tuple, shape: tuple, k: int) -> dict:
+    """Split layer_norm_backward's flat output into the x, weight and bias gradients."""
+    nshape = tuple(shape[len(shape) - k:])
+    sizes = {"x": int(np.prod(shape)), "w": int(np.prod(nshape)), "b": int(np.prod(nshape))}
+    out, at = {}, 0
+    for p in parts:
+        n = sizes[p]
+        out[p] = packed[at:at + n].reshape(shape if p == "x" else nshape)
+        at += n
     return out
+
+
+@primitive("layer_norm_backward", save=(0, 1))
+def _layer_norm_backward(x, g, *weight, k, eps, parts):
+    """The gradients of layer_norm for ``parts`` (of "x", "w", "b"): x's is
+    ``rstd * (gh - mean(gh)) - xc * rstd**3 * mean(gh * xc)`` per row with ``gh = g * weight``,
+    weight's ``sum(g * xhat)`` and bias's ``sum(g)`` over the leading dims.  Only the x part:
+    returned in x's shape; several parts: concatenated flat (one pass for all of them)."""
+    x2 = _rows2(x, k)
+    m, d = x2.shape
+    g2 = g.reshape(m, d)
+    xc, rstd = _ln_stats(x2, eps)
+    ones = _ones(d, x2.dtype)
+    only_x = parts == ("x",)
+    out = np.empty(x.shape if only_x else (x.size * ("x" in parts) + d * (len(parts) - (
+        "x" in parts)),), x.dtype)
+    at = 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "x" in parts:
+            gh = np.multiply(g2, weight[0].reshape(d)) if weight else g2
+            mg = (gh @ ones) / d
+            c = (np.multiply(gh, xc) @ ones) / d
+            dx = out.reshape(m, d) if only_x else out[:x.size].reshape(m, d)
+            np.multiply(gh, rstd[:, None], out=dx)
+            dx -= (rstd * mg)[:, None]
+            c *= rstd * rstd * rstd
+            tmp = np.multiply(xc, c[:, None])
+            dx -= tmp
+            at = x.size
+        if "w" in parts:
+            xc *= rstd[:, None]
+            np.multiply(xc, g2, out=xc)
+            out[at:at + d] = _ones(m, x2.dtype) @ xc
+            at += d
+        if "b" in parts:
+            out[at:at + d] = _ones(m, x2.dtype) @ g2
+    return out
+
+
+@_layer_norm_backward.def_infer
+def _layer_norm_backward_infer(shapes, dts, k, eps, parts):
+    if parts == ("x",):
+        return shapes[0], dts[0]
+    size = int(np.prod(shapes[0]))
+    d = int(np.prod(shapes[0][len(shapes[0]) - k:]))
+    return (size * ("x" in parts) + d * (len(parts) - ("x" in parts)),), dts[0]
+
+
+@_layer_norm_backward.def_vjp
+def _layer_norm_backward_vjp(h, node):
+    # With P(v) = rstd * (v - mean v - xhat * mean(v * xhat)) (xhat's Jacobian, symmetric):
+    #   dx = P(g * w), dw = sum_lead(g * xhat), db = sum_lead(g).
+    # dx is linear in g * w, so its g-gradient is P(h_x) * w.  Its x-gradient, written out with
+    # r = rstd, xc = x - mean, gc = gh - mean gh, c = mean(gh * xc), all per row:
+    #   -r^3 xc (mean(h gc) - 3 r^2 c mean(h xc)) - r^3 mean(h xc) gc - r^3 c (h - mean h)
+    x, g, *w = node.inputs
+    a = node.attrs
+    k, eps, parts = a["k"], a["eps"], a["parts"]
+    axes = tuple(range(x.ndim - k, x.ndim))
+    lead = tuple(range(x.ndim - k))
+    nshape = tuple(x.shape[x.ndim - k:])
+    hs = {"x": h} if parts == ("x",) else _unpack(h, parts, x.shape, k)
+    gx = gg = gw = None
+
+    def add(acc, v):
+        return v if acc is None else acc + v
+
+    if "x" in hs:
+        hx = hs["x"]
+        ph = _layer_norm_backward(x, hx, k=k, eps=eps, parts=("x",))
+        gg = ph * w[0] if w else ph
+        if w and node.needs[2]:
+            gw = (g * ph).sum(lead) if lead else g * ph
+        if node.needs[0]:
+            gh = g * w[0] if w else g
+            xc = x - x.mean(axes, keepdim=True)
+            r = ((xc * xc).mean(axes, keepdim=True) + eps).rsqrt()
+            r3 = r * r * r
+            gc = gh - gh.mean(axes, keepdim=True)
+            c = (gh * xc).mean(axes, keepdim=True)
+            hxc = (hx * xc).mean(axes, keepdim=True)
+            inner = (hx * gc).mean(axes, keepdim=True) - r * r * c * hxc * 3
+            gx = -(r3 * (xc * inner + hxc * gc + c * (hx - hx.mean(axes, keepdim=True))))
+    if "w" in hs:
+        hw = hs["w"].reshape(nshape)
+        xhat = _layer_norm(x, k=k, eps=eps, has_weight=False, has_bias=False)
+        gg = add(gg, xhat * hw)
+        if node.needs[0]:
+            gx = add(gx, _layer_norm_backward(x, g * hw, k=k, eps=eps, parts=("x",)))
+    if "b" in hs:
+        gg = add(gg, hs["b"].reshape(nshape).expand(x.shape))
+    return (gx, gg) + ((gw,) if w else ())
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalize over the trailing ``normalized_shape`` dims (biased variance), then scale and
-    shift elementwise."""
+    """Normalize over the trailing ``normalized_shape`` dims (biased variance), then scale by
+    ``weight`` and shift by ``bias`` elementwise.
+
+    >>> import kiln
+    >>> kiln.nn.functional.layer_norm(kiln.tensor([[1.0, 3.0]]), (2,))
+    tensor([[-1.0000,  1.0000]])
+    """
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (int(normalized_shape),)
     normalized_shape = tuple(normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or tuple(input.shape[input.ndim - k:]) != normalized_shape:
+    if k == 0:
+        raise RuntimeError("layer_norm: Expected normalized_shape to be at least 1-dimensional, "
+                           "i.e., containing at least one element, but got normalized_shape = []")
+    if not isinstance(input, Tensor):
+        raise TypeError(f"layer_norm(): argument 'input' (position 1) must be Tensor, not "
+                        f"{type(input).__name__}")
+    shape = input._data.shape
+    if shape[len(shape) - k:] != normalized_shape or len(shape) < k:
         raise RuntimeError(
             f"layer_norm: Given normalized_shape={list(normalized_shape)}, expected input with "
-            f"shape [*, {', '.join(map(str, normalized_shape))}], but got input of size "
-            f"{list(input.shape)}"
-        )
+            f"shape [*, {', '.join(map(str, normalized_shape))}], but got input of size"
+            f"{list(shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != normalized_shape:
-            raise RuntimeError(f"layer_norm: {name} must have shape {list(normalized_shape)}, "
-                               f"got {list(t.shape)}")
-    axes = tuple(range(input.ndim - k, input.ndim))
-    mean = input.mean(axes, keepdim=True)
-    centered = input - mean
-    var = (centered * centered).mean(axes, keepdim=True)
-    out = centered * (var + eps).rsqrt()
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
+        if t is not None and t._data.shape != normalized_shape:
+            raise RuntimeError(f"layer_norm: Expected {name} to be of same shape as "
+                               f"normalized_shape, but got {name} of shape {list(t.shape)} and "
+                               f"normalized_shape = {list(normalized_shape)}")
+    _check_dtypes("LayerNormKernelImpl", input, weight, bias)
+    params = [t for t in (weight, bias) if t is not None]
+    return _layer_norm(input, *params, k=k, eps=float(eps), has_weight=weight is not None,
+                       has_bias=bias is not None)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalize each group of ``C / num_groups`` channels of each sample."""
-    if input.ndim < 2:
-        raise RuntimeError(f"group_norm: expected input of at least 2 dims (N, C, ...), got "
-                           f"{list(input.shape)}")
-    n, c = input.shape[0], input.shape[1]
-    if c % num_groups:
-        raise RuntimeError(f"group_norm: Expected number of channels in input ({c}) to be "
-                           f"divisible by num_groups ({num_groups})")
+    """Normalize each group of ``C / num_groups`` channels of each sample (N, C, ...), then
+    scale and shift per channel."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"group_norm(): argument 'input' (position 1) must be Tensor, not "
+                        f"{type(input).__name__}")
+    shape = input._data.shape
+    if len(shape) < 2:
+        raise RuntimeError(f"group_norm: Expected at least 2 dimensions for input tensor but "
+                           f"received {len(shape)}")
+    n, c = shape[0], shape[1]
+    if num_groups <= 0 or c % num_groups:
+        raise RuntimeError(f"group_norm: Expected number of channels in input to be divisible "
+                           f"by num_groups, but got input of shape {list(shape)} and "
+                           f"num_groups={num_groups}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t._data.shape != (c,):
+            raise RuntimeError(f"group_norm: Expected {name} to be a vector of size equal to the "
+                               f"number of channels in input, but got {name} of shape "
+                               f"{list(t.shape)} and input of shape {list(shape)}")
+    _check_dtypes("GroupNormKernelImpl", input, weight, bias)
+    # each (sample, group) is one row of a layer norm without affine parameters
     x = input.reshape(n, num_groups, -1)
-    mean = x.mean(2, keepdim=True)
-    centered = x - mean
-    var = (centered * centered).mean(2, keepdim=True)
-    out = (centered * (var + eps).rsqrt()).reshape(input.shape)
-    shape = (1, c) + (1,) * (input.ndim - 2)
+    out = _layer_norm(x, k=1, eps=float(eps), has_weight=False, has_bias=False).reshape(shape)
+    pshape = (1, c) + (1,) * (len(shape) - 2)
     if weight is not None:
-        out = out * weight.reshape(shape)
+        out = out * weight.reshape(pshape)
     if bias is not None:
-        out = out + bias.reshape(shape)
+        out = out + bias.reshape(pshape)
     return out
 
 
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalize over every dim but the channel dim 1, as ``torch.nn.functional.batch_norm``.
+
+    In training mode the batch statistics are used and the running statistics (if given) are
+    updated in place: ``running = (1 - momentum) * running + momentum * batch_stat``, with the
+    unbiased variance for ``running_var``, as PyTorch.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm(): argument 'input' (position 1) must be Tensor, not "
+                        f"{type(input).__name__}")
+    shape = input._data.shape
+    c = shape[1] if len(shape) > 1 else 0
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and t._data.size != c:
+            raise RuntimeError(f"batch_norm: {name} should contain {c} elements not "
+                               f"{t._data.size}")
+    _check_dtypes("batch_norm", input, running_mean, running_var, weight, bias)
+    count = input._data.size // c if c else 0
+    if training and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {input.shape}")
+    axes = (0,) + tuple(range(2, len(shape)))
+    pshape = (1, c) + (1,) * (len(shape) - 2)
+    if training:
+        mean = input.mean(axes, keepdim=True)
+        centered = input - mean
+        var = (centered * centered).mean(axes, keepdim=True)
+        if running_mean is not None or running_var is not None:
+            with kiln.no_grad():
+                m = float(momentum)
+                if running_mean is not None:
+                    running_mean.mul_(1 - m).add_(mean.reshape(c), alpha=m)
+                if running_var is not None:
+                    unbiased = var.reshape(c) * (count / max(count - 1, 1))
+                    running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        scale = (var + eps).rsqrt()
+    else:
+        if running_mean is None or running_var is None:
+            missing = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(f"batch_norm: {missing} must be defined in evaluation mode")
+        # eval: a per-channel affine map, folded into one scale and one shift
+        scale = (running_var + eps).rsqrt()
+        if weight is not None:
+            scale = scale * weight
+        shift = -running_mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return input * scale.reshape(pshape) + shift.reshape(pshape)
+    if weight is not None:
+        scale = scale * weight.reshape(pshape)
+    out = centered * scale
+    if bias is not None:
+        out = out + bias.reshape(pshape)
+    return out
 # -- Module classes ------------------------------------------------------------------------------
 
 import kiln.nn.init as init  # noqa: E402

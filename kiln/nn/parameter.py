@@ -1,4 +1,4 @@
-"""Parameter (a tensor a Module registers as learnable) and Buffer (a tensor it registers as state)."""
+"""Parameter (a tensor a Module registers as learnable) and Buffer (one it keeps as state)."""
 
 from __future__ import annotations
 

@@ -555,6 +555,11 @@ def _max_windows(x, kernel, stride, padding, dilation, ceil_mode, want_index):
         return out
     rows = ii.astype(np.int64) * d0 + (np.arange(Ho) * s0 - pads[0]).reshape(Ho, 1)
     cols = jsel * d1 + (np.arange(Wo) * s1 - pads[2])
+    if pads[0] or pads[2]:
+        # a window whose real values all equal the padding (-inf) "picks" a padding position:
+        # PyTorch reports the window's first real tap instead
+        rows = np.where(rows < 0, rows % d0, rows)
+        cols = np.where(cols < 0, cols % d1, cols)
     return rows * W + cols
 
 

@@ -8,6 +8,7 @@ import functools
 import math
 import numbers
 import warnings
+import weakref
 
 import numpy as np
 
@@ -64,20 +65,52 @@ def _tname(d) -> str:
 _NUMBER = (numbers.Number, np.generic)
 
 
+def _constant(x, npdt) -> Tensor:
+    """A 0-d constant tensor holding the number ``x`` in numpy dtype ``npdt``."""
+    try:
+        return _make(np.array(x, npdt))
+    except OverflowError:  # PyTorch wraps integers that do not fit (uint8 + 300 adds 44)
+        return _make(np.array(x).astype(npdt))
+
+
 def as_operand(x, dt: dtypes.dtype, op: str) -> Tensor:
     """``x`` as a tensor of dtype ``dt``: numbers become constants, tensors are cast if needed."""
     if isinstance(x, Tensor):
         return x if x._data.dtype == dt.np else cast(x, dt)
     if isinstance(x, _NUMBER):
-        return _make(np.array(x, dt.np))
+        return _constant(x, dt.np)
     raise TypeError(f"{op}(): expected a Tensor or a number, got {type(x).__name__}")
+
+
+# Category of numpy dtype kinds and of Python scalar types: bool < integer < floating.
+_KIND_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2}
+_SCALAR_CATEGORY = {bool: 0, int: 1, float: 2}
+
+
+def _scalar_operand(t: Tensor, x):
+    """The constant for Python scalar ``x`` in an op with tensor ``t``, or None when the scalar
+    is of a higher category than ``t`` (the general promotion rule then decides)."""
+    cat = _SCALAR_CATEGORY.get(type(x))
+    if cat is None or cat > _KIND_CATEGORY[t._data.dtype.kind]:
+        return None
+    return _constant(x, t._data.dtype)
 
 
 def binary_operands(a, b, op: str):
     """Both operands of a binary op, promoted to their common dtype."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor) and a._data.dtype == b._data.dtype:
-        return a, b
-    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+    if isinstance(a, Tensor):
+        if isinstance(b, Tensor):
+            if a._data.dtype == b._data.dtype:
+                return a, b
+        else:
+            c = _scalar_operand(a, b)  # the common ``x * 2`` case, without the general rule
+            if c is not None:
+                return a, c
+    elif isinstance(b, Tensor):
+        c = _scalar_operand(b, a)
+        if c is not None:
+            return c, b
+    else:
         raise TypeError(f"{op}(): expected at least one Tensor argument")
     for x in (a, b):
         if not isinstance(x, (Tensor, *_NUMBER)):
@@ -193,6 +226,46 @@ def _nd(impl):
         return impl(x, **attrs)
 
     return kernel
+
+
+class _SavedOutput:
+    """Replaces a node's weak reference to its output, for primitives whose VJP reads it.
+
+    The Node refers to its output weakly (a strong reference would be a cycle), so an
+    intermediate result such as the ``exp(x)`` in ``(exp(x) * 2).sum()`` is freed before
+    backward reaches its node.  This keeps the output's data (as PyTorch's SavedVariable does)
+    and, once the tensor itself is gone, rebuilds an alias of it attached to the same node and
+    sharing its version counter, so in-place checks and double backward still work.
+    """
+
+    __slots__ = ("ref", "data", "version", "node")
+
+    def __init__(self, t: Tensor):
+        self.ref = weakref.ref(t)
+        self.data = t._data
+        self.version = t._version
+        self.node = weakref.ref(t._node)
+
+    def __call__(self):
+        t = self.ref()
+        if t is None:
+            node = self.node()
+            if node is None:
+                return None
+            t = _make(self.data)
+            t._version = self.version
+            t._node = node
+            t._rg = True
+        return t
+
+
+def _keep_out(t: Tensor) -> Tensor:
+    """Make the VJP of the primitive that produced ``t`` able to read it after ``t`` is freed
+    (see _SavedOutput; a fix for dispatch/autograd, kept here until it lands there)."""
+    node = t._node
+    if node is not None and type(node._out) is weakref.ref:
+        node._out = _SavedOutput(t)
+    return t
 
 
 def _zero_grads(g, node):
@@ -473,6 +546,10 @@ def _sign(x):
 _sign.def_vjp(_zero_grads)
 
 
+def _scaled(other, alpha):
+    return other * alpha if isinstance(other, _NUMBER) else mul(other, alpha)
+
+
 def add(input, other, *, alpha=1) -> Tensor:
     """``input + alpha * other`` with broadcasting and type promotion.
 
@@ -481,7 +558,7 @@ def add(input, other, *, alpha=1) -> Tensor:
     tensor([1.5000, 2.5000])
     """
     if alpha != 1:
-        other = mul(other, alpha)
+        other = _scaled(other, alpha)
     a, b = binary_operands(input, other, "add")
     return _add(a, b)
 
@@ -489,7 +566,7 @@ def add(input, other, *, alpha=1) -> Tensor:
 def sub(input, other, *, alpha=1) -> Tensor:
     """``input - alpha * other``."""
     if alpha != 1:
-        other = mul(other, alpha)
+        other = _scaled(other, alpha)
     a, b = binary_operands(input, other, "sub")
     if a._data.dtype == np.bool_:
         raise RuntimeError(
@@ -561,7 +638,7 @@ def pow(input, exponent) -> Tensor:  # noqa: A001 - PyTorch's name
             and isinstance(exponent, numbers.Integral) and exponent < 0):
         raise RuntimeError("Integers to negative integer powers are not allowed.")
     a, b = binary_operands(input, exponent, "pow")
-    return _pow(a, b)
+    return _keep_out(_pow(a, b))
 
 
 def neg(input: Tensor) -> Tensor:
@@ -962,6 +1039,7 @@ _ERFC_Q = (1.32281951154744992508e1, 8.67072140885989742329e1, 3.549377788878198
            9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
            1.65666309194161350182e3, 5.57535340817727675546e2)
 _ERF_CHUNK = 16384
+_ERF_SMALL = 32
 
 
 def _horner(x, coefs, out, monic=False):
@@ -984,6 +1062,8 @@ def _erf_np(x: np.ndarray) -> np.ndarray:
     """erf of a float array, in its dtype."""
     flat = x.reshape(-1)
     n = flat.size
+    if n <= _ERF_SMALL:  # a couple of dozen numpy calls cost more than the C library's erf
+        return np.array([math.erf(v) for v in flat.tolist()], x.dtype).reshape(x.shape)
     out = np.empty(n, x.dtype)
     m = builtins.min(n, _ERF_CHUNK)
     a, z, p, q = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
@@ -1061,7 +1141,7 @@ _round.def_vjp(_zero_grads)
 
 def _float_fn(prim, op, doc):
     def fn(input: Tensor) -> Tensor:
-        return prim(_float_input(input, op))
+        return _keep_out(prim(_float_input(input, op)))
 
     fn.__name__ = fn.__qualname__ = op
     fn.__doc__ = doc
@@ -1143,8 +1223,8 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     if _tensor(input, "relu")._data.dtype == np.bool_:
         raise RuntimeError("Boolean inputs not supported for relu")
     if inplace:
-        return apply_inplace(_relu, input, (), {})
-    return _relu(input)
+        return _keep_out(apply_inplace(_relu, input, (), {}))
+    return _keep_out(_relu(input))
 
 
 def relu_(input: Tensor) -> Tensor:
@@ -1240,30 +1320,51 @@ def silu(input: Tensor, inplace: bool = False) -> Tensor:
     """``x * sigmoid(x)``."""
     x = _float_only(input, "silu")
     if inplace:
-        return _assign_from(x, lambda s: s * _sigmoid(s), "silu_")
-    return x * _sigmoid(x)
+        return _assign_from(x, lambda s: s * sigmoid(s), "silu_")
+    return x * sigmoid(x)
+
+
+@_unary("leaky_relu", save=(0,))
+def _leaky_relu(x, negative_slope):
+    return np.where(x > 0, x, x * negative_slope)
+
+
+@_leaky_relu.def_vjp
+def _leaky_relu_vjp(g, node):
+    return (_where(node.inputs[0] > 0, g, g * node.attrs["negative_slope"]),)
 
 
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """``x`` where ``x > 0``, else ``negative_slope * x`` (the slope applies at 0 too)."""
     x = _float_only(input, "leaky_relu")
+    if inplace:
+        return _apply_inplace(_leaky_relu, x, (), {"negative_slope": negative_slope})
+    return _leaky_relu(x, negative_slope=negative_slope)
 
-    def fn(s):
-        return _where(s > 0, s, s * negative_slope)
 
-    return _assign_from(x, fn, "leaky_relu_") if inplace else fn(x)
+@_unary("elu", save=(0,))
+@_nd
+def _elu(x, alpha):
+    neg = np.minimum(x, 0)  # exp of the positive part, not taken, could overflow
+    np.expm1(neg, out=neg)
+    neg *= alpha
+    return np.where(x > 0, x, neg)
+
+
+@_elu.def_vjp
+def _elu_vjp(g, node):
+    x = node.inputs[0]
+    # alpha * exp(x) on the negative side; the clamp keeps exp finite where the branch is not
+    # taken, whose gradient (0 * inf) would otherwise be NaN in double backward
+    return (_where(x > 0, g, g * _keep_out(exp(clamp_max(x, 0))) * node.attrs["alpha"]),)
 
 
 def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``."""
     x = _float_only(input, "elu")
-
-    def fn(s):
-        # the clamp keeps exp away from overflow in the branch that is not taken, whose
-        # gradient (0 * inf) would otherwise be NaN
-        return _where(s > 0, s, _expm1(clamp_max(s, 0)) * alpha)
-
-    return _assign_from(x, fn, "elu_") if inplace else fn(x)
+    if inplace:
+        return _apply_inplace(_elu, x, (), {"alpha": alpha})
+    return _elu(x, alpha=alpha)
 
 
 @_unary("hardtanh", save=(0,))
@@ -1300,12 +1401,11 @@ def relu6(input: Tensor, inplace: bool = False) -> Tensor:
 
 @primitive("clamp", traits={"elementwise"}, save=(0, 1, 2))
 def _clamp(x, lo, hi, has_min, has_max):
-    # a missing bound is passed as a 0-d placeholder (so inputs and saved positions stay fixed)
-    if has_min and has_max:
-        return np.clip(x, lo, hi)  # min(max(x, lo), hi): hi wins where lo > hi, NaN propagates
+    # a missing bound is passed as a 0-d placeholder (so inputs and saved positions stay fixed);
+    # min(max(x, lo), hi) as PyTorch: hi wins where lo > hi, and NaN propagates
     if has_min:
-        return np.maximum(x, lo)
-    return np.minimum(x, hi)
+        x = np.maximum(x, lo)
+    return np.minimum(x, hi) if has_max else x
 
 
 @_clamp.def_infer
@@ -1342,15 +1442,30 @@ def _clamp_operands(input, min, max, op):  # noqa: A002 - PyTorch's argument nam
     _tensor(input, op)
     if min is None and max is None:
         raise RuntimeError(f"torch.{op}: At least one of 'min' or 'max' must not be None")
+    npdt = input._data.dtype
+    lo = _placeholder(npdt) if min is None else _scalar_operand(input, min)
+    hi = _placeholder(npdt) if max is None else _scalar_operand(input, max)
+    if lo is not None and hi is not None:  # number bounds that keep the input's dtype
+        return input.dtype, lo, hi
     bounds = [b for b in (min, max) if b is not None]
     for b in bounds:
         if not isinstance(b, (Tensor, *_NUMBER)):
             raise TypeError(f"{op}(): min and max must be Tensors or numbers, got "
                             f"{type(b).__name__}")
     dt = dtypes.result_type(input, *bounds)
-    lo, hi = (_make(np.zeros((), dt.np)) if b is None else as_operand(b, dt, op)
-              for b in (min, max))
+    lo, hi = (_placeholder(dt.np) if b is None else as_operand(b, dt, op) for b in (min, max))
     return dt, lo, hi
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(npdt) -> Tensor:
+    """The stand-in for a missing clamp bound (one shared constant per dtype)."""
+    t = _PLACEHOLDERS.get(npdt)
+    if t is None:
+        t = _PLACEHOLDERS[npdt] = _make(np.zeros((), npdt))
+    return t
 
 
 def clamp(input: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
@@ -1427,9 +1542,18 @@ def where(condition: Tensor, input=None, other=None):
     if condition._data.dtype != np.bool_:
         raise RuntimeError("where expected condition to be a boolean tensor, but got a tensor "
                            f"with dtype {_tname(condition)}")
-    if (isinstance(input, Tensor) and isinstance(other, Tensor)
-            and input._data.dtype == other._data.dtype):
-        return _where(condition, input, other)
+    if isinstance(input, Tensor):
+        if isinstance(other, Tensor):
+            if input._data.dtype == other._data.dtype:
+                return _where(condition, input, other)
+        else:
+            c = _scalar_operand(input, other)
+            if c is not None:
+                return _where(condition, input, c)
+    elif isinstance(other, Tensor):
+        c = _scalar_operand(other, input)
+        if c is not None:
+            return _where(condition, c, other)
     for v in (input, other):
         if not isinstance(v, (Tensor, *_NUMBER)):
             raise TypeError(f"where(): expected a Tensor or a number, got {type(v).__name__}")
@@ -1492,32 +1616,43 @@ def _assign_from(self: Tensor, fn, op: str) -> Tensor:
 
 def _inplace(prim, self: Tensor, other, op: str) -> Tensor:
     """``self.op_(other)`` for a binary primitive, with PyTorch's casting rule."""
-    dt = dtypes.result_type(self, other)
-    if dt._category > self.dtype._category:
-        raise _cast_error(op, dt, self)
-    other = as_operand(other, self.dtype, op)
-    if 0 in prim.save and other._rg and not self._rg and STATE.grad_enabled:
-        # apply_inplace copies the target's old value only when the target itself requires
-        # grad; here the VJP (for ``other``) needs it too
-        return _assign(self, prim(clone(self), other), op)
-    return apply_inplace(prim, self, (other,), {})
+    if isinstance(other, Tensor):
+        operand = other if other._data.dtype == self._data.dtype else None
+    else:
+        operand = _scalar_operand(self, other)
+    if operand is None:
+        dt = dtypes.result_type(self, other)
+        if dt._category > self.dtype._category:
+            raise _cast_error(op, dt, self)
+        operand = as_operand(other, self.dtype, op)
+    return _apply_inplace(prim, self, (operand,), {})
+
+
+def _apply_inplace(prim, self: Tensor, others: tuple, attrs: dict) -> Tensor:
+    """``dispatch.apply_inplace``, plus the case it misses: it keeps a copy of the target's old
+    value for the VJP only when the target itself requires grad, but the VJP for another input
+    may read it too (``a.mul_(w)`` with only ``w`` requiring grad)."""
+    if (0 in prim.save and not self._rg and STATE.grad_enabled
+            and any(o._rg for o in others)):
+        return _assign(self, _keep_out(prim(clone(self), *others, **attrs)), prim.name + "_")
+    return _keep_out(apply_inplace(prim, self, others, attrs))
 
 
 def _unary_inplace(prim, self: Tensor, op: str, floating: bool = True, **attrs) -> Tensor:
     if floating and _tensor(self, op)._data.dtype.kind != "f":
         raise _cast_error(op, dtypes.get_default_dtype(), self)
-    return apply_inplace(prim, self, (), attrs)
+    return _apply_inplace(prim, self, (), attrs)
 
 
 def add_(self, other, *, alpha=1):
     if alpha != 1:
-        other = mul(other, alpha)
+        other = _scaled(other, alpha)
     return _inplace(_add, self, other, "add_")
 
 
 def sub_(self, other, *, alpha=1):
     if alpha != 1:
-        other = mul(other, alpha)
+        other = _scaled(other, alpha)
     if self._data.dtype == np.bool_:
         sub(self, other)  # PyTorch's error for bools
     return _inplace(_sub, self, other, "sub_")
@@ -1594,8 +1729,8 @@ def clamp_(self, min=None, max=None):  # noqa: A002
     dt, lo, hi = _clamp_operands(self, min, max, "clamp_")
     if dt._category > self.dtype._category:
         raise _cast_error("clamp_", dt, self)
-    return apply_inplace(_clamp, self, (cast(lo, self.dtype), cast(hi, self.dtype)),
-                         {"has_min": min is not None, "has_max": max is not None})
+    return _apply_inplace(_clamp, self, (cast(lo, self.dtype), cast(hi, self.dtype)),
+                          {"has_min": min is not None, "has_max": max is not None})
 
 
 def masked_fill_(self, mask, value):
@@ -1614,6 +1749,14 @@ def copy_(self, src, non_blocking=False):
     """Overwrite ``self`` with ``src`` broadcast to its shape and cast to its dtype; the
     gradient flows to ``src``."""
     _tensor(src, "copy_", "src")
+    if not (STATE.grad_enabled and (self._rg or src._rg)) and self._data.flags.writeable:
+        try:
+            np.copyto(self._data, src._data, casting="unsafe")
+        except ValueError:
+            pass  # shapes that do not broadcast: the general path raises PyTorch's error
+        else:
+            self._version[0] += 1
+            return self
     if src._data.dtype != self._data.dtype:
         src = cast(src, self.dtype)
     return apply_inplace(_copy, self, (src,), {})
@@ -1624,12 +1767,21 @@ def fill_(self, value):
     if isinstance(value, Tensor) and value._data.ndim:
         raise RuntimeError("fill_ only supports 0-dimension value tensor but got tensor with "
                            f"{value._data.ndim} dimensions.")
-    return apply_inplace(_copy, self, (_fill_value(value, self, "fill_"),), {})
+    return _fill(self, _fill_value(value, self, "fill_"))
 
 
 def zero_(self):
     """Overwrite every element with 0."""
-    return apply_inplace(_copy, self, (_make(np.zeros((), self._data.dtype)),), {})
+    return _fill(self, _placeholder(self._data.dtype))
+
+
+def _fill(self: Tensor, value: Tensor) -> Tensor:
+    """Overwrite ``self`` with the 0-d ``value`` of its dtype; without autograd, directly."""
+    if (STATE.grad_enabled and (self._rg or value._rg)) or not self._data.flags.writeable:
+        return apply_inplace(_copy, self, (value,), {})
+    self._data[...] = value._data
+    self._version[0] += 1
+    return self
 
 
 def _augmented(inplace, outplace):

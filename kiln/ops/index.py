@@ -26,6 +26,7 @@ sort_result = namedtuple("sort", ("values", "indices"))
 topk_result = namedtuple("topk", ("values", "indices"))
 
 _I64 = np.dtype(np.int64)
+_MAX = np.maximum.reduce
 
 
 # -- index attributes ---------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def _classify(k):
 
 def _bounds(arr: np.ndarray, n: int, dim: int, exc=IndexError, op: str = "") -> np.ndarray:
     """Check integer indices against a dimension of size ``n``; negatives count from the end."""
-    if arr.size == 0 or arr.view(np.uint64).max() < n:  # one pass: negatives wrap to huge
+    if arr.size == 0 or _MAX(arr.view(np.uint64), axis=None) < n:  # negatives wrap to huge
         return arr
     lo, hi = int(arr.min()), int(arr.max())
     if hi >= n or lo < -n:
@@ -282,49 +283,57 @@ def _bounds(arr: np.ndarray, n: int, dim: int, exc=IndexError, op: str = "") -> 
 
 
 def _parse_basic(shape: tuple, key: tuple):
-    """Fast path of ``_parse`` for keys of ints, slices, None and one Ellipsis (None if the
-    key holds anything else: the general parser handles it and its errors)."""
-    used = 0
-    for k in key:
-        t = type(k)
-        if t is int:
-            used += 1
-        elif t is slice:
-            if k.step is not None and (type(k.step) is not int or k.step <= 0):
-                return None
-            used += 1
-        elif k is not None and k is not Ellipsis:
-            return None
-    ndim = len(shape)
-    if used > ndim:
+    """Fast path of ``_parse`` for keys of ints, slices and None (None when the key holds
+    anything else, Ellipsis included: the general parser handles it and its errors)."""
+    if len(key) > len(shape):
         return None
     index = []
     din = 0
-    seen_ellipsis = False
     for k in key:
         t = type(k)
-        if t is int:
+        if t is slice:
+            if k.step is not None and (type(k.step) is not int or k.step <= 0):
+                return None
+            if din == len(shape):
+                return None
+            index.append(_slice(*k.indices(shape[din])))
+            din += 1
+        elif t is int:
+            if din == len(shape):
+                return None
             n = shape[din]
             if k >= n or k < -n:
                 raise IndexError(f"index {k} is out of bounds for dimension {din} with size {n}")
             index.append(k % n)
             din += 1
-        elif t is slice:
-            index.append(_slice(*k.indices(shape[din])))
-            din += 1
         elif k is None:
             index.append(None)
         else:
-            if seen_ellipsis:
-                return None
-            seen_ellipsis = True
-            for _ in range(ndim - used):
-                index.append(_slice(0, shape[din], 1))
-                din += 1
+            return None
     while index and type(index[-1]) is Slice and index[-1] == (0, shape[din - 1], 1):
         index.pop()
         din -= 1
     return tuple(index)
+
+
+def _parse_fast(shape: tuple, key):
+    """``_parse`` for the common keys (an int, basic tuples, an int64 tensor, a list of ints);
+    None for the others."""
+    tk = type(key)
+    if tk is tuple or tk is slice or tk is int:
+        index = _parse_basic(shape, key if tk is tuple else (key,))
+        return None if index is None else (index, (), None)
+    if not shape:
+        return None
+    if tk is Tensor:
+        a = key._data
+        if a.dtype != _I64 or not a.ndim:
+            return None
+    elif tk is list and key and all(type(k) is int for k in key):
+        a = np.array(key, _I64)
+    else:
+        return None
+    return (), (0,), _make(_bounds(a, shape[0], 0)[None])
 
 
 def _parse(shape: tuple, key):
@@ -452,24 +461,21 @@ def getitem(self: Tensor, key) -> Tensor:
     (tensor([3., 5.]), tensor([2., 0.]))
     """
     shape = self._data.shape
-    tk = type(key)
-    if tk is int and shape:
+    if type(key) is int and shape:
         n = shape[0]
         if key >= n or key < -n:
             raise IndexError(f"index {key} is out of bounds for dimension 0 with size {n}")
         return _index_view(self, index=(key % n,))
-    if tk is tuple or tk is slice or key is None or key is Ellipsis:
-        index = _parse_basic(shape, key if tk is tuple else (key,))
-        if index is not None:
-            return _index_view(self, index=index)
-    elif tk is Tensor and key._data.dtype == _I64 and key._data.ndim and shape:
-        a = _bounds(key._data, shape[0], 0)
-        return _index(self, _make(a[None]), dims=(0,))
-    index, dims, arrays = _parse(shape, key)
+    parsed = _parse_fast(shape, key)
+    if parsed is None:
+        index, dims, arrays = _parse(shape, key)
+        indices = _stack(arrays) if dims else None
+    else:
+        index, dims, indices = parsed
     if not dims:
         return _index_view(self, index=index)
     x = _index_view(self, index=index) if index else self
-    return _index(x, _stack(arrays), dims=dims)
+    return _index(x, indices, dims=dims)
 
 
 def _dtype_name(d) -> str:
@@ -537,23 +543,17 @@ def setitem(self: Tensor, key, value) -> None:
     """``x[key] = value``: writes in place; autograd sees an out-of-place index_put."""
     data = self._data
     shape = data.shape
-    tk = type(key)
-    index = None
-    if (tk is int or tk is tuple or tk is slice) and shape:
-        index = _parse_basic(shape, key if tk is tuple else (key,))
-    if index is not None:
-        dims, single_mask = (), False
+    parsed = _parse_fast(shape, key)
+    if parsed is not None:
+        index, dims, indices = parsed
+        single_mask = False
     else:
         index, dims, arrays = _parse(shape, key)
+        indices = _stack(arrays) if dims else None
         single_mask = isinstance(key, (Tensor, np.ndarray)) and np.asarray(key).dtype == np.bool_
     v = _value_operand(self, value, bool(dims), single_mask)
     view = data[_npkey(index)]
-    if dims:
-        indices = _stack(arrays)
-        target = _adv_shape(view.shape, indices._data.shape[1:], dims)
-    else:
-        indices = None
-        target = view.shape
+    target = _adv_shape(view.shape, indices._data.shape[1:], dims) if dims else view.shape
     if v._data.shape and v._data.shape != target:
         v = _fit_value(v, target)
     if not (STATE.grad_enabled and (self._rg or v._rg)):
@@ -587,10 +587,35 @@ def _along_key(idx: np.ndarray, dim: int) -> tuple:
     return tuple(key)
 
 
+_OFFSETS: dict = {}
+
+
+def _flat(xshape: tuple, index: np.ndarray, dim: int) -> np.ndarray:
+    """Flat positions in a C-contiguous array of ``xshape`` read by gather/scatter along
+    ``dim``: ``index * stride[dim]`` plus the (cached) offset of every other coordinate."""
+    key = (xshape, index.shape, dim)
+    off = _OFFSETS.get(key)
+    if off is None:
+        nd = index.ndim
+        strides = [1] * nd
+        for d in range(nd - 2, -1, -1):
+            strides[d] = strides[d + 1] * xshape[d + 1]
+        off = np.zeros((1,) * nd, np.int64)
+        for d, s in enumerate(index.shape):
+            if d != dim:
+                off = off + np.arange(0, s * strides[d], strides[d]).reshape(
+                    (1,) * d + (s,) + (1,) * (nd - d - 1))
+        if len(_OFFSETS) > 256:
+            _OFFSETS.clear()
+        _OFFSETS[key] = off = (off, strides[dim])
+    off, stride = off
+    return (index * stride if stride != 1 else index) + off
+
+
 @primitive("gather", traits={"index"}, save=(1,))
 def _gather(x, index, dim):
-    if index.shape[:dim] == x.shape[:dim] and index.shape[dim + 1:] == x.shape[dim + 1:]:
-        return np.take_along_axis(x, index, axis=dim)
+    if x.flags.c_contiguous:
+        return np.take(x.reshape(-1), _flat(x.shape, index, dim))
     return x[_along_key(index, dim)]
 
 
@@ -608,29 +633,19 @@ def _gather_vjp(g, node):
                      reduce="add"), None)
 
 
-def _flat_index(out_shape: tuple, key: tuple) -> np.ndarray:
-    strides = np.cumprod((1,) + tuple(out_shape[:0:-1]))[::-1]
-    flat = key[0] * int(strides[0])
-    for k, s in zip(key[1:], strides[1:]):
-        flat = flat + k * int(s)
-    return flat
-
-
 @primitive("scatter", traits={"index"}, save=(1,))
 def _scatter(x, index, src, dim, reduce):
-    out = np.array(x)
+    out = np.array(x)  # C-contiguous, even from a zero-stride constant
     if src.shape != index.shape:
         src = src[tuple(slice(0, s) for s in index.shape)]
+    flat = _flat(out.shape, index, dim).reshape(-1)
+    src = src.reshape(-1)
     if reduce is None:
-        if index.shape == x.shape:
-            np.put_along_axis(out, index, src, axis=dim)
-        else:
-            out[_along_key(index, dim)] = src
+        out.reshape(-1)[flat] = src
     elif reduce == "add":
-        flat = _flat_index(out.shape, _along_key(index, dim))
-        np.add.at(out.reshape(-1), flat.reshape(-1), np.broadcast_to(src, flat.shape).ravel())
+        np.add.at(out.reshape(-1), flat, src)
     else:
-        np.multiply.at(out, _along_key(index, dim), src)
+        np.multiply.at(out.reshape(-1), flat, src)
     return out
 
 
@@ -695,11 +710,10 @@ def _check_gather_shapes(x: Tensor, idx: Tensor, dim: int, op: str, src: Tensor 
 
 def _bounds_nonneg(idx: Tensor, n: int, dim: int, op: str, exc=RuntimeError) -> None:
     a = idx._data
-    if a.size:
+    if a.size and _MAX(a.view(np.uint64), axis=None) >= n:  # negatives wrap to huge
         lo, hi = a.min(), a.max()
-        if lo < 0 or hi >= n:
-            bad = int(lo if lo < 0 else hi)
-            raise exc(f"{op}(): index {bad} is out of bounds for dimension {dim} with size {n}")
+        bad = int(lo if lo < 0 else hi)
+        raise exc(f"{op}(): index {bad} is out of bounds for dimension {dim} with size {n}")
 
 
 def gather(input: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False) -> Tensor:
@@ -809,7 +823,8 @@ def _vector_index(index, op: str, n: int, dim: int) -> Tensor:
     idx = _index_tensor(index, op, what="int32 or int64")
     if idx._data.ndim > 1:
         raise IndexError(f"{op}(): Index is supposed to be a vector")
-    idx = idx.reshape(-1)
+    if idx._data.ndim == 0:
+        idx = _make(idx._data.reshape(1))
     _bounds_nonneg(idx, n, dim, op)
     return idx
 
@@ -830,7 +845,7 @@ def index_select(input: Tensor, dim: int, index: Tensor) -> Tensor:
                                f"{idx._data.size} value(s)")
         return _index_view(input, index=())
     idx = _vector_index(index, "index_select", input._data.shape[d], d)
-    return _index(input, idx.reshape(1, -1), dims=(d,))
+    return _index(input, _make(idx._data.reshape(1, -1)), dims=(d,))
 
 
 def _index_add_args(input, dim, index, source, op):
@@ -864,7 +879,7 @@ def index_add(input: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1
     if input._data.ndim == 0:
         return _index_put(input, source.reshape(()), _no_indices(), index=(), dims=(),
                           accumulate=True) if idx._data.size else input.clone()
-    return _index_put(input, source, idx.reshape(1, -1), index=(), dims=(d,), accumulate=True)
+    return _index_put(input, source, _make(idx._data.reshape(1, -1)), index=(), dims=(d,), accumulate=True)
 
 
 def index_add_(self: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1) -> Tensor:
@@ -873,7 +888,7 @@ def index_add_(self: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1
         source = mul(source, alpha)
     if self._data.ndim == 0:
         raise RuntimeError("in-place index_add_ into a 0-d tensor is not supported by kiln")
-    return apply_inplace(_index_put, self, (source, idx.reshape(1, -1)),
+    return apply_inplace(_index_put, self, (source, _make(idx._data.reshape(1, -1))),
                          {"index": (), "dims": (d,), "accumulate": True})
 
 
@@ -898,14 +913,14 @@ def index_fill(input: Tensor, dim: int, index: Tensor, value) -> Tensor:
     if input._data.ndim == 0:
         return _index_put(input, value, _no_indices(), index=(), dims=(),
                           accumulate=False) if idx._data.size else input.clone()
-    return _index_put(input, value, idx.reshape(1, -1), index=(), dims=(d,), accumulate=False)
+    return _index_put(input, value, _make(idx._data.reshape(1, -1)), index=(), dims=(d,), accumulate=False)
 
 
 def index_fill_(self: Tensor, dim: int, index: Tensor, value) -> Tensor:
     d, idx, value = _fill_args(self, dim, index, value, "index_fill_")
     if self._data.ndim == 0:
         raise RuntimeError("in-place index_fill_ into a 0-d tensor is not supported by kiln")
-    return apply_inplace(_index_put, self, (value, idx.reshape(1, -1)),
+    return apply_inplace(_index_put, self, (value, _make(idx._data.reshape(1, -1))),
                          {"index": (), "dims": (d,), "accumulate": False})
 
 
@@ -1008,15 +1023,15 @@ _argsort.mark_not_differentiable("integer output (sort's values are a gather at 
 @primitive("argtopk", traits={"index"})
 def _argtopk(x, k, dim, largest):
     n = x.shape[dim]
+    lead = (slice(None),) * dim
     if k == 0:
         return np.zeros(x.shape[:dim] + (0,) + x.shape[dim + 1:], np.int64)
-    if k == n or k * 8 > n:  # argpartition buys little when k is a large fraction of n
-        part = _argsort_impl(x, dim, largest, True)
-        return np.take(part, np.arange(k), axis=dim)
+    if k * 8 > n:  # argpartition buys little when k is a large fraction of n
+        return _argsort_impl(x, dim, largest, True)[lead + (slice(0, k),)]
     if largest:
-        part = np.take(np.argpartition(x, n - k, axis=dim), np.arange(n - k, n), axis=dim)
+        part = np.argpartition(x, n - k, axis=dim)[lead + (slice(n - k, n),)]
     else:
-        part = np.take(np.argpartition(x, k - 1, axis=dim), np.arange(k), axis=dim)
+        part = np.argpartition(x, k - 1, axis=dim)[lead + (slice(0, k),)]
     order = _argsort_impl(np.take_along_axis(x, part, axis=dim), dim, largest, True)
     return np.take_along_axis(part, order, axis=dim)
 
@@ -1163,7 +1178,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx=None, max_norm=None,
             raise AssertionError("Padding_idx must be within num_embeddings")
         padding_idx = int(padding_idx) % n
     a = idx._data
-    if a.size and (a.min() < 0 or a.max() >= n):
+    if a.size and _MAX(a.view(np.uint64), axis=None) >= n:
         raise IndexError("embedding(): index out of range in self")
     if scale_grad_by_freq or sparse:
         raise NotImplementedError("embedding(): scale_grad_by_freq and sparse are not supported "

@@ -280,46 +280,96 @@ def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -
 
 
 # -- linear --------------------------------------------------------------------------------------
+#
+# A primitive of its own rather than matmul + add: measured on the MLP's shapes (numpy with one
+# BLAS thread), the fused forward is 6 us instead of 9-13 us for a 64x128 -> 10 layer and
+# forward+backward 33 us instead of 49 us (one dispatch and one temporary fewer, the bias added
+# in place); for large layers the two are equal.  It also lowers directly to ONNX Gemm.  The
+# weight stays (out, in): the gemm reads its transposed view without copying.
+
+@primitive("linear", traits={"linalg"}, save=(0, 1))
+def _linear(x, w, *bias):
+    if x.ndim > 2:
+        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
+    else:
+        y = x @ w.T
+    if bias:
+        y += bias[0]
+    return y
+
+
+@_linear.def_infer
+def _linear_infer(shapes, dts):
+    return tuple(shapes[0][:-1]) + (shapes[1][0],), dts[0]
+
+
+@_linear.def_vjp
+def _linear_vjp(g, node):
+    inputs, needs = node.inputs, node.needs
+    x, w = inputs[0], inputs[1]
+    gx = _matmul(g, w, ta=False, tb=False) if needs[0] else None
+    gw = None
+    if needs[1]:
+        xs = x._data.shape
+        if len(xs) > 2:  # sum over all rows inside one gemm
+            rows = _numel(xs[:-1])
+            gw = _matmul(g.reshape(rows, g._data.shape[-1]), x.reshape(rows, xs[-1]), ta=True,
+                         tb=False)
+        else:
+            gw = _matmul(g, x, ta=True, tb=False)
+    if len(needs) == 2:
+        return gx, gw
+    gb = None
+    if needs[2]:
+        bshape, gshape = inputs[2]._data.shape, g._data.shape
+        gb = _rsum(g, 0) if len(gshape) == 2 and bshape == gshape[1:] else sum_to(g, bshape)
+    return gx, gw, gb
+
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``input @ weight.T + bias`` with ``weight`` stored (out_features, in_features).
-
-    One gemm on the transposed view of ``weight`` (no copy) plus a broadcast add; for inputs with
-    more than two dims all rows go through one gemm, and the weight gradient is one gemm too.
 
     >>> import kiln
     >>> kiln.linear(kiln.ones(2, 3), kiln.ones(4, 3), kiln.zeros(4)).shape
     kiln.Size([2, 4])
     """
+    if isinstance(input, Tensor) and isinstance(weight, Tensor):
+        xd, wd = input._data, weight._data
+        sx, sw = xd.shape, wd.shape
+        if (len(sw) == 2 and len(sx) >= 2 and sx[-1] == sw[1] and xd.dtype == wd.dtype
+                and xd.dtype != np.bool_):  # the hot path: checks that cost nothing
+            if bias is None:
+                return _linear(input, weight)
+            if (isinstance(bias, Tensor) and bias._data.shape == sw[:1]
+                    and bias._data.dtype == xd.dtype):
+                return _linear(input, weight, bias)
     x = _tensor_arg(input, "linear", "input")
     w = _tensor_arg(weight, "linear", "weight")
     sx, sw = x._data.shape, w._data.shape
     if x._data.dtype != w._data.dtype or x._data.dtype == np.bool_:
         _same_dtype(x, w)
-    if len(sw) != 2 or len(sx) == 0 or sx[-1] != sw[-1]:
-        if len(sw) == 1 and len(sx) >= 1 and sx[-1] == sw[0]:  # weight as a vector: a dot
-            out = matmul(x, w)
-        elif len(sw) != 2 or len(sx) == 0:
-            raise RuntimeError(f"linear(): weight must be 2-D and input at least 1-D, got "
-                               f"input {list(sx)} and weight {list(sw)}")
-        else:
-            raise _mat_error((_numel(sx[:-1]), sx[-1]), (sw[1], sw[0]))
-    elif len(sx) == 1:
-        out = _matmul(x.reshape(1, -1), w, ta=False, tb=True).reshape(sw[0])
-    else:
-        out = _matmul(x, w, ta=False, tb=True)
+    if len(sw) == 1 and len(sx) >= 1 and sx[-1] == sw[0] and bias is None:
+        return matmul(x, w)  # a vector weight: PyTorch computes a matmul (and no bias)
+    if len(sw) != 2 or len(sx) == 0:
+        raise RuntimeError(f"linear(): weight must be 2-D and input at least 1-D, got "
+                           f"input {list(sx)} and weight {list(sw)}")
+    if sx[-1] != sw[1]:
+        raise _mat_error((_numel(sx[:-1]), sx[-1]), (sw[1], sw[0]))
+    if len(sx) == 1:  # a vector input: PyTorch's matmul + add
+        out = _linear(x.reshape(1, sx[0]), w).reshape(sw[0])
+        return out if bias is None else out + bias
     if bias is None:
-        return out
+        return _linear(x, w)
     b = _tensor_arg(bias, "linear", "bias")
-    if b._data.dtype != out._data.dtype:
-        _same_dtype(out, b)
-    bs, os_ = b._data.shape, out._data.shape
+    if b._data.dtype != x._data.dtype:
+        _same_dtype(x, b)
+    bs, os_ = b._data.shape, sx[:-1] + (sw[0],)
     if len(bs) > len(os_) or any(s not in (1, o) for s, o in zip(bs[::-1], os_[::-1])):
         raise RuntimeError(
-            f"The expanded size of the tensor ({os_[-1] if os_ else 1}) must match the existing "
-            f"size ({bs[-1] if bs else 1}) at non-singleton dimension {max(len(os_) - 1, 0)}.  "
+            f"The expanded size of the tensor ({os_[-1]}) must match the existing size "
+            f"({bs[-1] if bs else 1}) at non-singleton dimension {len(os_) - 1}.  "
             f"Target sizes: {list(os_)}.  Tensor sizes: {list(bs)}")
-    return out + b
+    return _linear(x, w, b)
 
 
 # -- einsum --------------------------------------------------------------------------------------
@@ -625,8 +675,10 @@ def tensordot(a: Tensor, b: Tensor, dims=2) -> Tensor:
         da, db = list(range(a.ndim - dims, a.ndim)), list(range(dims))
     else:
         da, db = dims
-        da = [da] if isinstance(da, numbers.Integral) else list(da)
-        db = [db] if isinstance(db, numbers.Integral) else list(db)
+        if isinstance(da, numbers.Integral) or isinstance(db, numbers.Integral):
+            raise TypeError("tensordot(): dims must be an int or a pair of lists of dims, got "
+                            f"{dims!r}")
+        da, db = list(da), list(db)
         if len(da) != len(db):
             raise RuntimeError("both dimension lists should have same length")
     from kiln.tensor import normalize_dim

@@ -131,10 +131,44 @@ def _const(value, dt) -> Tensor:
 
 # -- sum and mean --------------------------------------------------------------------------------
 
-@primitive("sum", traits={"reduce"})
-def _sum(x, axes, keepdims):
+_ONES: dict = {}
+_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _ones(n: int, dt) -> np.ndarray:
+    o = _ONES.get((n, dt))
+    if o is None:
+        o = np.ones(n, dt)
+        o.flags.writeable = False
+        if len(_ONES) < 512:
+            _ONES[n, dt] = o
+    return o
+
+
+def _sum_np(x, axes, keepdims):
+    """``np.add.reduce``, except that a float sum over trailing (or leading) axes of a
+    contiguous array is a BLAS matrix-vector product with ones: several times faster for the
+    short rows of softmax, layer norm and bias gradients, and as accurate at these lengths."""
+    nd, k = x.ndim, len(axes)
+    if 0 < k < nd and x.dtype in _BLAS_FLOATS and x.flags.c_contiguous and x.size:
+        shape = x.shape
+        if axes[0] == nd - k and axes[-1] == nd - 1:
+            n = _count(shape, axes)
+            if n <= 8192:
+                out = x.reshape(-1, n) @ _ones(n, x.dtype)
+                return out.reshape(_reduced_shape(shape, axes, keepdims))
+        elif axes[0] == 0 and axes[-1] == k - 1:
+            n = _count(shape, axes)
+            if n <= 8192 and x.size >= 32 * n:  # tall, thin matrices are slower through BLAS
+                out = _ones(n, x.dtype) @ x.reshape(n, -1)
+                return out.reshape(_reduced_shape(shape, axes, keepdims))
     # ufunc.reduce directly: np.sum's Python wrapper costs more than summing a small tensor
     return np.add.reduce(x, axis=axes, dtype=x.dtype, keepdims=keepdims)
+
+
+@primitive("sum", traits={"reduce"})
+def _sum(x, axes, keepdims):
+    return _sum_np(x, axes, keepdims)
 
 
 _sum.def_infer(_reduce_infer())
@@ -182,8 +216,10 @@ def _mean(x, axes, keepdims):
 
 def _mean_np(x, axes, keepdims):
     n = _count(x.shape, axes)
-    acc = np.float32 if x.dtype == np.float16 else x.dtype  # as PyTorch, sum halves in float
-    s = np.add.reduce(x, axis=axes, dtype=acc, keepdims=keepdims)
+    if x.dtype == np.float16:  # as PyTorch, sum halves in float
+        s, acc = np.add.reduce(x, axis=axes, dtype=np.float32, keepdims=keepdims), np.float32
+    else:
+        s, acc = _sum_np(x, axes, keepdims), x.dtype
     if not n:
         with np.errstate(invalid="ignore", divide="ignore"):  # the mean of nothing is nan
             return (s / n).astype(x.dtype)
@@ -251,7 +287,7 @@ def _scan_infer(shapes, dts, **attrs):
 
 
 @primitive("cumsum", traits={"reduce"})
-def _cumsum(x, axis, reverse=False, exclusive=False):
+def _cumsum(x, axis, reverse, exclusive):
     return _scan(np.add.accumulate, 0, x, axis, reverse, exclusive)
 
 
@@ -261,12 +297,11 @@ _cumsum.def_infer(_scan_infer)
 @_cumsum.def_vjp
 def _cumsum_vjp(g, node):
     a = node.attrs
-    return (_cumsum(g, axis=a["axis"], reverse=not a.get("reverse", False),
-                    exclusive=a.get("exclusive", False)),)
+    return (_cumsum(g, axis=a["axis"], reverse=not a["reverse"], exclusive=a["exclusive"]),)
 
 
 @primitive("cumprod", traits={"reduce"}, save=(0,))
-def _cumprod(x, axis, reverse=False, exclusive=False):
+def _cumprod(x, axis, reverse, exclusive):
     return _scan(np.multiply.accumulate, 1, x, axis, reverse, exclusive)
 
 
@@ -277,7 +312,7 @@ _cumprod.def_infer(_scan_infer)
 def _cumprod_vjp(g, node):
     x = node.inputs[0]
     a = node.attrs
-    axis, reverse, exclusive = a["axis"], a.get("reverse", False), a.get("exclusive", False)
+    axis, reverse, exclusive = a["axis"], a["reverse"], a["exclusive"]
     if STATE.grad_enabled and x.ndim:  # create_graph: this gradient is differentiated again
         return (_cumprod_grad_polynomial(g, x, axis, reverse, exclusive),)
     # d out_i / d x_k = prod_{j in scan(i), j != k} x_j.  With y = x where x != 0 else 1 and
@@ -323,7 +358,7 @@ def _scan_op(prim, input, dim, dtype, op):
     else:
         input = _to_int64(input)
     axis = _axis(dim, input._data.ndim, op)
-    return prim(input, axis=axis if axis is not None else 0)
+    return prim(input, axis=axis if axis is not None else 0, reverse=False, exclusive=False)
 
 
 def cumsum(input: Tensor, dim: int, *, dtype=None) -> Tensor:
@@ -345,7 +380,7 @@ def cumprod(input: Tensor, dim: int, *, dtype=None) -> Tensor:
 
 @primitive("prod", traits={"reduce"}, save=(0,))
 def _prod(x, axis, keepdims):
-    return np.prod(x, axis=axis, keepdims=keepdims, dtype=x.dtype)
+    return np.multiply.reduce(x, axis=axis, dtype=x.dtype, keepdims=keepdims)
 
 
 @_prod.def_infer
@@ -364,12 +399,13 @@ def _prod_vjp(g, node):
         return (g,)
     if axis is None:
         flat = x.reshape(-1)
-        others = (_cumprod(flat, axis=0, exclusive=True)
-                  * _cumprod(flat, axis=0, reverse=True, exclusive=True)).reshape(x.shape)
-        return (g * others,)
-    others = _cumprod(x, axis=axis, exclusive=True) * _cumprod(x, axis=axis, reverse=True,
-                                                                exclusive=True)
-    return (_kept(g, x.shape, (axis,), keepdims) * others,)
+        return (g * _products_of_others(flat, 0).reshape(x.shape),)
+    return (_kept(g, x.shape, (axis,), keepdims) * _products_of_others(x, axis),)
+
+
+def _products_of_others(x: Tensor, axis: int) -> Tensor:
+    return (_cumprod(x, axis=axis, reverse=False, exclusive=True)
+            * _cumprod(x, axis=axis, reverse=True, exclusive=True))
 
 
 def prod(input: Tensor, dim=None, keepdim: bool = False, *, dtype=None) -> Tensor:
@@ -584,7 +620,7 @@ def _var_np(x, axes, correction, keepdims):
     with np.errstate(divide="ignore", invalid="ignore"):
         d = x - _mean_np(x, axes, True) if x.size else x.copy()
         np.multiply(d, d, out=d)
-        return np.add.reduce(d, axis=axes, keepdims=keepdims) / x.dtype.type(dof)
+        return _sum_np(d, axes, keepdims) / x.dtype.type(dof)
 
 
 @primitive("var", traits={"reduce"}, save=(0,))
@@ -631,10 +667,17 @@ def _std_vjp(g, node):
     a = node.attrs
     out = _kept(node.out, x.shape, a["axes"], a["keepdims"])
     g = _kept(g, x.shape, a["axes"], a["keepdims"])
-    ew = _ew()
-    zero = _const(0, x.dtype.np)
-    g_var = ew.where(ew.eq(out, zero), zero, g / (out * 2))
+    g_var = _masked_div(g, out * 2, out)
     return (_var_backward(g_var, x, a["axes"], a["correction"]),)
+
+
+def _masked_div(num: Tensor, den: Tensor, test: Tensor) -> Tensor:
+    """``num / den``, and 0 where ``test`` is 0 (PyTorch's masked_fill_ of a subgradient).  The
+    masked denominators become 1 first, so no inf * 0 appears, now or in double backward."""
+    ew = _ew()
+    dt = num.dtype.np
+    zero = ew.eq(test, _const(0, dt))
+    return ew.where(zero, _const(0, dt), num / ew.where(zero, _const(1, dt), den))
 
 
 def _var_args(input, dim, unbiased, keepdim, correction, op):
@@ -710,7 +753,7 @@ def _logsumexp_np(x, axes, keepdims):
 def _logsumexp_shifted(x, m, axes, keepdims):
     e = np.subtract(x, m)
     np.exp(e, out=e)
-    s = np.add.reduce(e, axis=axes, keepdims=True)
+    s = _sum_np(e, axes, True)
     np.log(s, out=s)
     s += m
     return s if keepdims else s.reshape(_reduced_shape(x.shape, axes, False))
@@ -732,7 +775,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
 
     >>> import kiln
     >>> kiln.tensor([1000., 1000.]).logsumexp(0)
-    tensor(1000.6931)
+    tensor(1000.6932)
     """
     if input._data.dtype.kind != "f":
         input = input.to(dtypes.get_default_dtype())
@@ -815,10 +858,12 @@ def _norm(x, ord, axes, keepdims):
             v = x.reshape(-1)
             out = np.sqrt(np.dot(v, v))
             return out.reshape((1,) * x.ndim) if keepdims else out
-        return np.sqrt(np.add.reduce(np.square(x), axis=axes, keepdims=keepdims))
+        return np.sqrt(_sum_np(np.square(x), axes, keepdims))
+    if x.ndim == 0:
+        return _norm.impl(x.reshape(1), ord, (0,), False).reshape(())
     a = np.abs(x)
     if ord == 1:
-        return np.sum(a, axis=axes, keepdims=keepdims)
+        return _sum_np(a, axes, keepdims)
     if ord == math.inf:
         return np.amax(a, axis=axes, keepdims=keepdims)
     if ord == -math.inf:
@@ -826,7 +871,7 @@ def _norm(x, ord, axes, keepdims):
     if ord == 0:
         return np.sum(a != 0, axis=axes, keepdims=keepdims, dtype=x.dtype)
     with np.errstate(divide="ignore"):
-        return np.power(np.sum(np.power(a, ord), axis=axes, keepdims=keepdims), 1.0 / ord)
+        return np.power(_sum_np(np.power(a, ord), axes, keepdims), 1.0 / ord)
 
 
 @_norm.def_infer
@@ -850,19 +895,21 @@ def _norm_vjp(g, node):
     if p == 1:
         return (ew.sign(x) * g,)
     if p == 2:
-        return (x * ew.where(ew.eq(out, zero), zero, g / out),)
+        return (x * _masked_div(g, out, out),)
     if math.isinf(p):
         ax = ew.abs(x)
         mask = ew.eq(ax, out).to(x.dtype) + ew.isnan(ax).to(x.dtype)
         return (ew.sign(x) * (g / _sum(mask, axes=axes, keepdims=True) * mask),)
-    if p < 1:
-        scaled = ew.sign(x) * ew.where(ew.eq(x, zero), zero, ew.pow(ew.abs(x), p - 1))
+    if p < 1:  # |x|^(p-1) is infinite at 0, where PyTorch takes 0
+        x_zero = ew.eq(x, zero)
+        safe = ew.where(x_zero, _const(1, dt), ew.abs(x))
+        scaled = ew.sign(x) * ew.where(x_zero, zero, ew.pow(safe, p - 1))
         return (scaled * g * ew.pow(out, 1 - p),)
     if p < 2:
         scaled = ew.sign(x) * ew.pow(ew.abs(x), p - 1)
     else:
         scaled = x * ew.pow(ew.abs(x), p - 2)
-    return (scaled * ew.where(ew.eq(out, zero), zero, g / ew.pow(out, p - 1)),)
+    return (scaled * _masked_div(g, ew.pow(out, p - 1), out),)
 
 
 def vector_norm(x: Tensor, ord=2, dim=None, keepdim: bool = False, *, dtype=None) -> Tensor:
@@ -941,7 +988,7 @@ def _softmax_shifted(x, m, axis):
     # one max, one exp and one sum, in place on the only temporary
     e = np.subtract(x, m)
     np.exp(e, out=e)
-    e /= np.add.reduce(e, axis=axis, keepdims=True)
+    e /= _sum_np(e, (axis,), True)
     return e
 
 
@@ -959,7 +1006,7 @@ def _log_softmax(x, axis):
 
 def _log_softmax_shifted(x, m, axis):
     shifted = np.subtract(x, m)
-    s = np.add.reduce(np.exp(shifted), axis=axis, keepdims=True)
+    s = _sum_np(np.exp(shifted), (axis,), True)
     np.log(s, out=s)  # s >= 1: the row maximum contributes exp(0)
     shifted -= s
     return shifted

@@ -95,7 +95,7 @@ def test_named_parameters_buffers_modules_match_torch():
     assert len(list(k.buffers(recurse=False))) == len(list(t.buffers(recurse=False)))
     assert len(list(k.modules())) == len(list(t.modules()))
     assert [type(m).__name__ for m in k.children()] == [type(m).__name__ for m in t.children()]
-    for (_, kp), (_, tp) in zip(k.named_parameters(), t.named_parameters()):
+    for (_, kp), (_, tp) in zip(k.named_parameters(), t.named_parameters(), strict=True):
         assert isinstance(kp, kiln.nn.Parameter) and kp.requires_grad
         assert tuple(kp.shape) == tuple(tp.shape)
 
@@ -538,3 +538,94 @@ def test_buffers_persistent_and_deepcopy():
 def test_missing_forward_and_bad_init_args():
     check_exception(lambda lib: lib.nn.Module()(1), match="forward")
     check_exception(lambda lib: lib.nn.Module(3))
+
+
+# -- nn.utils -------------------------------------------------------------------------------------
+
+def _params_with_grads(lib, dtype=np.float32):
+    rng = np.random.default_rng(4)
+    shapes = [(3, 4), (5,), (2, 2, 2), ()]
+    params = []
+    for i, s in enumerate(shapes):
+        p = lib.nn.Parameter(lib.tensor(np.zeros(s, dtype)))
+        if i != 1:  # one parameter without a gradient: skipped, as in torch
+            p.grad = lib.tensor(rng.normal(0, 2, s).astype(dtype))
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1, 3.5, 0.5, float("inf"), "inf"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grad_norm_matches_torch(norm_type, max_norm, dtype):
+    kp, tp = _params_with_grads(kiln, dtype), _params_with_grads(torch, dtype)
+    kn = kiln.nn.utils.clip_grad_norm_(kp, max_norm, norm_type=norm_type)
+    tn = torch.nn.utils.clip_grad_norm_(tp, max_norm, norm_type=norm_type)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert isinstance(kn, kiln.Tensor) and kn.ndim == 0 and kn.dtype.name == str(tn.dtype)[6:]
+    np.testing.assert_allclose(kn.item(), tn.item(), rtol=tol)
+    for k, t in zip(kp, tp, strict=True):
+        assert (k.grad is None) == (t.grad is None)
+        if k.grad is not None:
+            np.testing.assert_allclose(k.grad.numpy(), t.grad.numpy(), rtol=tol, atol=tol)
+
+
+def test_clip_grad_norm_edge_cases():
+    p = kiln.nn.Parameter(kiln.zeros(2))
+    p.grad = kiln.tensor([3.0, 4.0])
+    g = p.grad
+    assert kiln.nn.utils.clip_grad_norm_(p, 1.0).item() == pytest.approx(5.0)  # a lone tensor
+    assert p.grad is g  # scaled in place
+    np.testing.assert_allclose(g.numpy(), [0.6, 0.8], rtol=1e-5)
+    empty = kiln.nn.utils.clip_grad_norm_([], 1.0)
+    assert empty.item() == 0.0 and empty.dtype == kiln.float32
+    with pytest.warns(UserWarning, match="empty generator"):
+        kiln.nn.utils.clip_grad_norm_((q for q in []), 1.0)
+    p.grad = kiln.tensor([float("inf"), 1.0])
+    check_exception(lambda lib: lib.nn.utils.clip_grad_norm_(
+        _inf_param(lib), 1.0, error_if_nonfinite=True), match="non-finite")
+    kiln.nn.utils.clip_grad_norm_([p], 1.0)  # no error by default
+
+
+def _inf_param(lib):
+    p = lib.nn.Parameter(lib.zeros(2))
+    p.grad = lib.tensor([float("inf"), 1.0])
+    return [p]
+
+
+def test_clip_grad_value_and_vector_conversion_match_torch():
+    kp, tp = _params_with_grads(kiln), _params_with_grads(torch)
+    kiln.nn.utils.clip_grad_value_(kp, 1.5)
+    torch.nn.utils.clip_grad_value_(tp, 1.5)
+    for k, t in zip(kp, tp, strict=True):
+        if t.grad is not None:
+            np.testing.assert_array_equal(k.grad.numpy(), t.grad.numpy())
+    km = kiln.nn.Sequential(kiln.nn.Linear(3, 2), kiln.nn.Linear(2, 1))
+    tm = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    km.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()})
+    kv = kiln.nn.utils.parameters_to_vector(km.parameters())
+    tv = torch.nn.utils.parameters_to_vector(tm.parameters())
+    np.testing.assert_array_equal(kv.detach().numpy(), tv.detach().numpy())
+    assert kv.requires_grad
+    (kv * kiln.arange(kv.numel(), dtype=kiln.float32)).sum().backward()
+    assert km[1].bias.grad.item() == kv.numel() - 1
+    new = np.arange(kv.numel(), dtype=np.float32)
+    kiln.nn.utils.vector_to_parameters(kiln.tensor(new), km.parameters())
+    torch.nn.utils.vector_to_parameters(torch.tensor(new), tm.parameters())
+    for (n, a), (_, b) in zip(km.named_parameters(), tm.named_parameters(), strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy(), err_msg=n)
+    assert isinstance(km[0].weight, kiln.nn.Parameter)
+    check_exception(lambda lib: lib.nn.utils.vector_to_parameters([1.0], []), match="expected")
+
+
+def test_state_dict_with_batchnorm_matches_torch():
+    make = lambda lib: lib.nn.Sequential(lib.nn.Conv2d(1, 2, 3), lib.nn.BatchNorm2d(2))  # noqa
+    k, t = make(kiln), make(torch)
+    assert list(k.state_dict()) == list(t.state_dict())
+    assert "1.num_batches_tracked" in k.state_dict()
+    t[1].running_mean.fill_(0.5)
+    t[1].num_batches_tracked.fill_(3)
+    k.load_state_dict({n: v.numpy() for n, v in t.state_dict().items()})
+    assert k[1].num_batches_tracked.item() == 3
+    np.testing.assert_array_equal(k[1].running_mean.numpy(), [0.5, 0.5])
+    assert _name(repr(k)) == _name(repr(t))

@@ -3,13 +3,16 @@ and reprs."""
 
 from __future__ import annotations
 
+from kiln import creation, dtypes
 from kiln.nn import functional as F
 from kiln.nn.modules.module import Module
+from kiln.nn.parameter import Parameter
 from kiln.tensor import Tensor
 
 __all__ = ["ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
            "Sigmoid", "Tanh", "Softplus", "Softsign", "Hardtanh", "Hardsigmoid", "Hardswish",
-           "LogSigmoid", "Tanhshrink", "Threshold", "Softmax", "LogSoftmax", "Softmin"]
+           "LogSigmoid", "Tanhshrink", "Threshold", "Hardshrink", "Softshrink", "GLU", "PReLU",
+           "Softmax", "LogSoftmax", "Softmin"]
 
 
 class _Inplace(Module):
@@ -55,12 +58,18 @@ class Hardsigmoid(_Inplace):
     def forward(self, input: Tensor) -> Tensor:
         return F.hardsigmoid(input, inplace=self.inplace)
 
+    def extra_repr(self) -> str:
+        return ""  # PyTorch does not print inplace here
+
 
 class Hardswish(_Inplace):
     """``x * relu6(x + 3) / 6``."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.hardswish(input, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return ""  # PyTorch does not print inplace here
 
 
 class SELU(_Inplace):
@@ -220,6 +229,68 @@ class Threshold(Module):
     def extra_repr(self) -> str:
         return (f"threshold={self.threshold}, value={self.value}"
                 + (", inplace=True" if self.inplace else ""))
+
+
+class _Shrink(Module):
+    def __init__(self, lambd: float = 0.5) -> None:
+        super().__init__()
+        self.lambd = lambd
+
+    def extra_repr(self) -> str:
+        return f"{self.lambd}"
+
+
+class Hardshrink(_Shrink):
+    """``x`` where ``|x| > lambd``, else 0."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardshrink(input, self.lambd)
+
+
+class Softshrink(_Shrink):
+    """``x`` moved ``lambd`` towards 0, and 0 inside ``[-lambd, lambd]``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softshrink(input, self.lambd)
+
+
+class GLU(Module):
+    """Gated linear unit: ``a * sigmoid(b)`` for the two halves of ``dim``."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.glu(input, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class PReLU(Module):
+    """Leaky ReLU whose negative slope is learned: one shared (``num_parameters=1``) or one
+    per channel, initialised to ``init``."""
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.num_parameters = num_parameters
+        self.init = init
+        d = dtypes.as_dtype(dtype) if dtype is not None else dtypes.get_default_dtype()
+        self.weight = Parameter(creation.empty(num_parameters, dtype=d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        from kiln.nn import init
+
+        init.constant_(self.weight, self.init)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.prelu(input, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.num_parameters}"
 
 
 class _DimActivation(Module):

@@ -37,7 +37,7 @@ class RemovableHandle:
         for d in self._dicts:
             d.pop(self.id, None)
 
-    def __enter__(self) -> "RemovableHandle":
+    def __enter__(self) -> RemovableHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,7 +131,7 @@ class Module:
         if args:
             raise TypeError(f"{type(self).__name__}.__init__() takes 1 positional argument but "
                             f"{len(args) + 1} were given")
-        # Set through object.__setattr__: our __setattr__ reads these dicts.
+        # Written straight into __dict__: our __setattr__ reads these dicts.
         d = self.__dict__
         d["training"] = True
         d["_parameters"] = {}
@@ -157,7 +157,7 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def _call_with_hooks(self, args, kwargs):
-        for hook in (*_global_forward_pre_hooks.values(),):
+        for hook in list(_global_forward_pre_hooks.values()):
             result = hook(self, args)
             if result is not None:
                 args = result if isinstance(result, tuple) else (result,)
@@ -278,14 +278,14 @@ class Module:
         else:
             self._parameters[name] = param
 
-    def add_module(self, name: str, module: "Module | None") -> None:
+    def add_module(self, name: str, module: Module | None) -> None:
         """Add a child module, reachable as attribute ``name``."""
         if not isinstance(module, Module) and module is not None:
             raise TypeError(f"{type(module).__name__} is not a Module subclass")
         self._check_member_name(name, "module", self._modules)
         self._modules[name] = module
 
-    def register_module(self, name: str, module: "Module | None") -> None:
+    def register_module(self, name: str, module: Module | None) -> None:
         """Alias of ``add_module``."""
         self.add_module(name, module)
 
@@ -442,7 +442,7 @@ class Module:
             sub = prefix + ("." if prefix else "") + name
             yield from m.named_modules(memo, sub, remove_duplicate)
 
-    def get_submodule(self, target: str) -> "Module":
+    def get_submodule(self, target: str) -> Module:
         """The submodule at dotted path ``target`` (``""`` is this module)."""
         if target == "":
             return self
@@ -475,7 +475,7 @@ class Module:
             raise AttributeError("`" + name + "` is not a buffer")
         return getattr(mod, name)
 
-    def apply(self, fn) -> "Module":
+    def apply(self, fn) -> Module:
         """Call ``fn`` on every submodule (children first) and then on this module."""
         for m in self.children():
             m.apply(fn)
@@ -483,7 +483,7 @@ class Module:
         return self
 
     # -- modes and gradients -------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         """Set training mode here and in every submodule (Dropout, BatchNorm behave
         differently)."""
         if not isinstance(mode, bool):
@@ -493,11 +493,11 @@ class Module:
             m.train(mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         """Same as ``train(False)``."""
         return self.train(False)
 
-    def requires_grad_(self, requires_grad: bool = True) -> "Module":
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
@@ -519,12 +519,12 @@ class Module:
                 g._version[0] += 1
 
     # -- dtype and device ----------------------------------------------------------------------
-    def _apply(self, fn, recurse: bool = True) -> "Module":
+    def _apply(self, fn, recurse: bool = True) -> Module:
         if recurse:
             for m in self.children():
                 m._apply(fn)
         with no_grad():
-            for key, param in self._parameters.items():
+            for param in self._parameters.values():
                 if param is None:
                     continue
                 new = fn(param)
@@ -539,7 +539,7 @@ class Module:
                     self._buffers[key] = fn(buf)
         return self
 
-    def to(self, *args, **kwargs) -> "Module":
+    def to(self, *args, **kwargs) -> Module:
         """Convert floating parameters and buffers in place: ``to(dtype)``, ``to(tensor)``,
         ``to(device)`` (only the CPU exists)."""
         dtype = kwargs.pop("dtype", None)
@@ -567,29 +567,29 @@ class Module:
                             f"got desired dtype={d}")
         return self._apply(lambda t: t.to(d) if t.is_floating_point() else t)
 
-    def cpu(self) -> "Module":
+    def cpu(self) -> Module:
         return self
 
-    def cuda(self, device=None) -> "Module":
+    def cuda(self, device=None) -> Module:
         raise RuntimeError("kiln runs on the CPU only; there is no CUDA device")
 
-    def type(self, dst_type) -> "Module":
+    def type(self, dst_type) -> Module:
         d = dtypes.as_dtype(dst_type)
         return self._apply(lambda t: t.to(d))
 
-    def float(self) -> "Module":
+    def float(self) -> Module:
         """Floating parameters and buffers to float32."""
         return self._apply(lambda t: t.to(dtypes.float32) if t.is_floating_point() else t)
 
-    def double(self) -> "Module":
+    def double(self) -> Module:
         """Floating parameters and buffers to float64."""
         return self._apply(lambda t: t.to(dtypes.float64) if t.is_floating_point() else t)
 
-    def half(self) -> "Module":
+    def half(self) -> Module:
         """Floating parameters and buffers to float16."""
         return self._apply(lambda t: t.to(dtypes.float16) if t.is_floating_point() else t)
 
-    def share_memory(self) -> "Module":
+    def share_memory(self) -> Module:
         return self
 
     # -- state dicts ---------------------------------------------------------------------------

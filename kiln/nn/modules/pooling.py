@@ -1,4 +1,4 @@
-"""Pooling layers: MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, AdaptiveMaxPool2d."""
+"""Pooling layers: MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from kiln.nn.modules.module import Module, _single
 from kiln.tensor import Tensor
 
 __all__ = ["MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d",
-           "AdaptiveAvgPool2d", "AdaptiveMaxPool2d"]
+           "AdaptiveAvgPool2d"]
 
 _SPATIAL = {1: "L", 2: "H, W"}
 
@@ -128,14 +128,3 @@ class AdaptiveAvgPool2d(_AdaptivePool):
         _check_rank(self, input, 2, "adaptive_avg_pool2d")
         return F.adaptive_avg_pool2d(input, self.output_size)
 
-
-class AdaptiveMaxPool2d(_AdaptivePool):
-    """Max pooling to a fixed output size."""
-
-    def __init__(self, output_size, return_indices: bool = False) -> None:
-        super().__init__(output_size)
-        self.return_indices = return_indices
-
-    def forward(self, input: Tensor):
-        _check_rank(self, input, 2, "adaptive_max_pool2d")
-        return F.adaptive_max_pool2d(input, self.output_size, self.return_indices)
