@@ -193,6 +193,7 @@ def _run(roots, retain_graph, create_graph, targets=None):
         useful = _nodes_leading_to([n for _, n in heap], targets)
     captured: dict = {}
     plain = targets is None
+    owned: dict = {}  # gradient arrays this walk created (kept alive so ids stay unique)
 
     while heap:
         n = heapq.heappop(heap)[1]
@@ -214,13 +215,13 @@ def _run(roots, retain_graph, create_graph, targets=None):
                     node_grads[e] = gi
                     heapq.heappush(heap, (-e.seq, e))
                 else:
-                    node_grads[e] = prev + gi
+                    node_grads[e] = _sum_grads(prev, gi, owned, create_graph)
             else:
                 slot = leaf_grads.get(id(e))
                 if slot is None:
                     leaf_grads[id(e)] = [e, gi]
                 else:
-                    slot[1] = slot[1] + gi
+                    slot[1] = _sum_grads(slot[1], gi, owned, create_graph)
         if not retain_graph and (n.versions or n.out_data is not None):
             n.inputs = None  # free saved values, as PyTorch does
             n.out_data = None
@@ -236,6 +237,19 @@ def _run(roots, retain_graph, create_graph, targets=None):
         else:
             _accumulate(leaf, g, create_graph)
     return captured
+
+
+def _sum_grads(acc: Tensor, g: Tensor, owned: dict, create_graph: bool) -> Tensor:
+    """acc + g; without create_graph, add into a buffer this walk owns instead of dispatching."""
+    if create_graph:
+        return acc + g
+    a = acc._data
+    if id(a) in owned:
+        np.add(a, g._data, out=a)
+        return acc
+    out = _make(np.add(a, g._data))
+    owned[id(out._data)] = out._data
+    return out
 
 
 def _node_backward(n, g, create_graph, wanted_nodes, useful, captured):

@@ -9,6 +9,10 @@ from kiln.autograd import Node
 from kiln.grad_mode import STATE
 from kiln.tensor import Tensor, _make
 
+_ndarray = np.ndarray
+_new_tensor = Tensor.__new__
+_STATE = STATE
+
 # Test and debug hooks: each is called as fn(prim, inputs, attrs, out) after every primitive.
 OBSERVERS: list = []
 
@@ -24,17 +28,26 @@ def apply(prim, inputs: tuple, attrs: dict) -> Tensor:
             out = prim.impl(*[t._data for t in inputs], **attrs)
     except Exception as e:  # numpy's message, re-raised naming the op, shapes and dtypes
         raise op_error(prim, inputs, e) from None
-    if type(out) is not np.ndarray:
+    if type(out) is not _ndarray:
         out = np.asarray(out)
-    t = _make(out)
+    t = _new_tensor(Tensor)  # _make(out), inlined: this is the hottest path in eager mode
+    t._data = out
+    t._rg = False
+    t._node = None
+    t.grad = None
+    t._hooks = None
     if prim.is_view:
         src = inputs[0]
         t._version = src._version
         t._base = src if src._base is None else src._base
-    if STATE.grad_enabled and prim.vjp is not None and out.dtype.kind == "f":
+    else:
+        t._version = [0]
+        t._base = None
+    if _STATE.grad_enabled and prim.vjp is not None:
         for x in inputs:
             if x._rg:
-                _record(prim, inputs, attrs, t)
+                if out.dtype.kind == "f":
+                    _record(prim, inputs, attrs, t)
                 break
     if OBSERVERS:
         for fn in OBSERVERS:

@@ -6,6 +6,7 @@ holds only what a tensor is, not what can be computed from it.
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import numpy as np
@@ -249,6 +250,25 @@ class Tensor:
         if self._data.ndim == 0 and spec:
             return format(self.item(), spec)
         return repr(self)
+
+    def __deepcopy__(self, memo):
+        if self._node is not None:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the deepcopy "
+                "protocol at the moment. If you were attempting to deepcopy a module, this may "
+                "be because of a torch.nn.utils.weight_norm usage."
+            )
+        if id(self) in memo:
+            return memo[id(self)]
+        new = type(self).__new__(type(self))
+        _init(new, self._data.copy())
+        new._rg = self._rg
+        memo[id(self)] = new
+        if self.grad is not None:
+            new.grad = self.grad.__deepcopy__(memo)
+        if getattr(self, "__dict__", None):
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def __reduce_ex__(self, protocol):
         raise TypeError(

@@ -87,19 +87,26 @@ def _nhwc_padded(x, pads):
     return xp
 
 
-def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo):
-    """im2col, channels last: (N*Ho*Wo, kh*kw*C)."""
+def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo, ones=False):
+    """im2col, channels last: (N*Ho*Wo, kh*kw*C), plus a column of ones with ``ones`` (the
+    bias then rides along in the gemm instead of costing a pass over the output)."""
     N, C = x.shape[:2]
     xp = _nhwc_padded(x, pads)
     s0, s1, s2, s3 = xp.strides
     win = as_strided(xp, (N, Ho, Wo, kh, kw, C),
                      (s0, s1 * stride[0], s2 * stride[1], s1 * dilation[0], s2 * dilation[1], s3),
                      writeable=False)
-    return win.reshape(N * Ho * Wo, kh * kw * C)
+    K = kh * kw * C
+    if not ones:
+        return win.reshape(N * Ho * Wo, K)
+    cols = np.empty((N * Ho * Wo, K + 1), x.dtype)
+    cols[:, :K].reshape(N, Ho, Wo, kh, kw, C)[...] = win
+    cols[:, K] = 1
+    return cols
 
 
-def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
-    """im2col, per sample and group: (N, G, C/G*kh*kw, Ho*Wo)."""
+def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
+    """im2col, per sample and group: (N, G, C/G*kh*kw, Ho*Wo), plus a row of ones."""
     N, C = x.shape[:2]
     xp = _pad_hw(x, pads)
     s0, s1, s2, s3 = xp.strides
@@ -107,7 +114,13 @@ def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
     win = as_strided(xp, (N, groups, cg, kh, kw, Ho, Wo),
                      (s0, s1 * cg, s1, s2 * dilation[0], s3 * dilation[1], s2 * stride[0],
                       s3 * stride[1]), writeable=False)
-    return win.reshape(N, groups, cg * kh * kw, Ho * Wo)
+    K = cg * kh * kw
+    if not ones:
+        return win.reshape(N, groups, K, Ho * Wo)
+    cols = np.empty((N, groups, K + 1, Ho * Wo), x.dtype)
+    cols[:, :, :K].reshape(N, groups, cg, kh, kw, Ho, Wo)[...] = win
+    cols[:, :, K] = 1
+    return cols
 
 
 def _out_len(L, k, s, p0, p1, d) -> int:
@@ -131,17 +144,20 @@ def _conv2d(x, w, *bias, stride, padding, dilation, groups):
     pt, pb, pl, pr = padding
     Ho = _out_len(H, kh, stride[0], pt, pb, dilation[0])
     Wo = _out_len(W, kw, stride[1], pl, pr, dilation[1])
+    b = bias[0] if bias else None
     if _rows_layout(C, kw, Wo, groups):
-        cols = _cols_rows(x, kh, kw, stride, padding, dilation, Ho, Wo)
-        y = cols @ w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C).T
-        if bias:
-            y += bias[0]
+        cols = _cols_rows(x, kh, kw, stride, padding, dilation, Ho, Wo, ones=b is not None)
+        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
+        if b is not None:
+            w2 = np.concatenate([w2, b.reshape(O, 1)], axis=1)
+        y = cols @ w2.T
         return np.ascontiguousarray(y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
-    cols = _cols_planes(x, kh, kw, stride, padding, dilation, Ho, Wo, groups)
-    y = np.matmul(w.reshape(groups, O // groups, cg * kh * kw), cols).reshape(N, O, Ho, Wo)
-    if bias:
-        y += bias[0].reshape(O, 1, 1)
-    return y
+    cols = _cols_planes(x, kh, kw, stride, padding, dilation, Ho, Wo, groups,
+                        ones=b is not None)
+    w2 = w.reshape(groups, O // groups, cg * kh * kw)
+    if b is not None:
+        w2 = np.concatenate([w2, b.reshape(groups, O // groups, 1)], axis=2)
+    return np.matmul(w2, cols).reshape(N, O, Ho, Wo)
 
 
 @_conv2d.def_infer
@@ -606,7 +622,7 @@ def _flat_index(idx, hw: int):
     return idx + (np.arange(N * C, dtype=np.int64) * hw).reshape(N, C, 1, 1)
 
 
-@primitive("pool_gather", traits={"index"})
+@primitive("pool_gather", traits={"index"}, save=(1,))
 def _pool_gather(x, idx):
     N, C, H, W = x.shape
     return x.reshape(-1).take(_flat_index(idx, H * W))
@@ -623,7 +639,7 @@ def _pool_gather_vjp(g, node):
     return _pool_scatter(g, idx, in_hw=tuple(x._data.shape[2:])), None
 
 
-@primitive("pool_scatter", traits={"index"})
+@primitive("pool_scatter", traits={"index"}, save=(1,))
 def _pool_scatter(g, idx, in_hw):
     """Gradient of pool_gather: each value added at its index (windows may overlap)."""
     N, C = g.shape[:2]
@@ -893,7 +909,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
         raise RuntimeError(f"\"adaptive_avg_pool2d\" not implemented for '{_sname(x)}'")
     if Ho and Wo and H % Ho == 0 and W % Wo == 0:
         if (Ho, Wo) == (H, W):
-            return x.clone() if hasattr(x, "clone") else x
+            return x.clone()
         k = (H // Ho, W // Wo)
         unbatched = x.ndim == 3
         x4 = x.reshape((1,) + tuple(x._data.shape)) if unbatched else x

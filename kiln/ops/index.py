@@ -15,7 +15,7 @@ from kiln.ops.reduce import sum_to
 from kiln.ops.registry import primitive
 from kiln.tensor import Tensor, _make, normalize_dim
 
-__all__ = ["argsort", "argwhere", "gather", "index_add", "index_fill", "index_select",
+__all__ = ["argsort", "argwhere", "gather", "index_add", "index_fill", "index_put", "index_select",
            "masked_select", "multinomial", "nonzero", "scatter", "scatter_add", "sort", "take",
            "take_along_dim", "topk"]
 
@@ -573,6 +573,41 @@ def setitem(self: Tensor, key, value) -> None:
                   {"index": index, "dims": dims, "accumulate": False})
 
 
+def _index_put_args(input: Tensor, indices, values, op: str):
+    if not isinstance(indices, (tuple, list)):
+        raise TypeError(f"{op}(): argument 'indices' must be tuple of Tensors, not "
+                        f"{type(indices).__name__}")
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{op}(): argument 'values' must be Tensor, not "
+                        f"{type(values).__name__}")
+    if values._data.dtype != input._data.dtype:
+        raise RuntimeError(
+            "Index put requires the source and destination dtypes match, got "
+            f"{_dtype_name(input.dtype)} for the destination and {_dtype_name(values.dtype)} "
+            "for the source."
+        )
+    index, dims, arrays = _parse(input._data.shape, tuple(indices))
+    indices = _stack(arrays) if dims else _no_indices()
+    view_shape = input._data[_npkey(index)].shape
+    target = _adv_shape(view_shape, indices._data.shape[1:], dims) if dims else view_shape
+    if values._data.shape != target:
+        values = _fit_value(values, target)
+    return values, indices, {"index": index, "dims": dims}
+
+
+def index_put(input: Tensor, indices, values: Tensor, accumulate: bool = False) -> Tensor:
+    """A copy of ``input`` with ``input[indices] = values`` (or ``+=`` when ``accumulate``,
+    where repeated indices add up)."""
+    values, idx, attrs = _index_put_args(input, indices, values, "index_put")
+    return _index_put(input, values, idx, accumulate=bool(accumulate), **attrs)
+
+
+def index_put_(self: Tensor, indices, values: Tensor, accumulate: bool = False) -> Tensor:
+    values, idx, attrs = _index_put_args(self, indices, values, "index_put_")
+    return apply_inplace(_index_put, self, (values, idx), {**attrs,
+                                                           "accumulate": bool(accumulate)})
+
+
 # -- gather / scatter -----------------------------------------------------------------------------
 
 def _along_key(idx: np.ndarray, dim: int) -> tuple:
@@ -819,13 +854,18 @@ def scatter_add_(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
 
 # -- index_select / index_add / index_fill / masked_select / take ----------------------------------
 
-def _vector_index(index, op: str, n: int, dim: int) -> Tensor:
+def _vector_index(index, op: str, n: int, dim: int, exc=RuntimeError,
+                  negative: bool = False) -> Tensor:
+    """A 0-d or 1-d int index as an int64 vector, checked against size ``n`` (``negative``:
+    count negative entries from the end, as index_fill does)."""
     idx = _index_tensor(index, op, what="int32 or int64")
     if idx._data.ndim > 1:
         raise IndexError(f"{op}(): Index is supposed to be a vector")
     if idx._data.ndim == 0:
         idx = _make(idx._data.reshape(1))
-    _bounds_nonneg(idx, n, dim, op)
+    if negative:
+        return _make(_bounds(idx._data, n, dim, exc, f"{op}(): "))
+    _bounds_nonneg(idx, n, dim, op, exc)
     return idx
 
 
@@ -851,7 +891,8 @@ def index_select(input: Tensor, dim: int, index: Tensor) -> Tensor:
 def _index_add_args(input, dim, index, source, op):
     d = normalize_dim(dim, input._data.ndim, op)
     nd = max(input._data.ndim, 1)
-    idx = _vector_index(index, op, input._data.shape[d] if input._data.ndim else 1, d)
+    idx = _vector_index(index, op, input._data.shape[d] if input._data.ndim else 1, d,
+                        IndexError)
     if not isinstance(source, Tensor):
         raise TypeError(f"{op}(): argument 'source' must be Tensor, not {type(source).__name__}")
     if source._data.dtype != input._data.dtype:
@@ -894,7 +935,8 @@ def index_add_(self: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1
 
 def _fill_args(input, dim, index, value, op):
     d = normalize_dim(dim, input._data.ndim, op)
-    idx = _vector_index(index, op, input._data.shape[d] if input._data.ndim else 1, d)
+    idx = _vector_index(index, op, input._data.shape[d] if input._data.ndim else 1, d,
+                        IndexError, negative=True)
     # Filling twice changes nothing, but a tensor value's gradient counts each slice once.
     idx = _make(np.unique(idx._data))
     if isinstance(value, Tensor):
@@ -947,7 +989,13 @@ def take(input: Tensor, index: Tensor) -> Tensor:
     """``input`` read as a flat vector at ``index`` (output shaped like ``index``)."""
     idx = _index_tensor(index, "take", what="int64")
     flat = input.reshape(-1)
-    a = _bounds(idx._data, flat._data.shape[0], 0, RuntimeError, "take(): ")
+    a, n = idx._data, flat._data.shape[0]
+    if a.size and _MAX(a.view(np.uint64), axis=None) >= n:
+        lo, hi = int(a.min()), int(a.max())
+        if hi >= n or lo < -n:
+            raise IndexError(f"take(): out of range: tried to access index "
+                             f"{hi if hi >= n else lo} on a tensor of {n} elements.")
+        a = np.where(a < 0, a + n, a)
     return _index(flat, _make(a[None]), dims=(0,))
 
 
@@ -1075,6 +1123,8 @@ def topk(input: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: boo
     if k < 0 or k > n:
         raise RuntimeError(f"topk(): selected index k out of range (k={k}, size {n} along "
                            f"dimension {d})")
+    if input._data.dtype == np.bool_:
+        raise RuntimeError("topk(): does not support bool dtypes")
     if input._data.ndim == 0:
         return topk_result(clone(input), _make(np.zeros((), _I64)))
     idx = _argtopk(input, k=int(k), dim=d, largest=bool(largest))
@@ -1258,6 +1308,7 @@ TENSOR_METHODS = {
     "gather": gather, "scatter": scatter, "scatter_": scatter_, "scatter_add": scatter_add,
     "scatter_add_": scatter_add_, "index_select": index_select, "index_add": index_add,
     "index_add_": index_add_, "index_fill": index_fill, "index_fill_": index_fill_,
+    "index_put": index_put, "index_put_": index_put_,
     "masked_select": masked_select, "take": take, "take_along_dim": take_along_dim,
     "nonzero": nonzero, "argwhere": argwhere, "sort": sort, "argsort": argsort, "topk": topk,
     "multinomial": multinomial,

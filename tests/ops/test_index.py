@@ -438,11 +438,34 @@ def test_index_add_fill():
         return y
 
     check_op(inplace, [x, s], **F32)
+    check_op(lambda lib, x: x.index_fill(0, T(lib, [-1, 0]), 2.0), [x], **F32)  # wraps
+    check_exception(lambda lib: lib.zeros(3).index_add(0, T(lib, [-1]), lib.ones(1)),
+                    match="index_add")
+    check_exception(lambda lib: lib.zeros(3).index_fill(0, T(lib, [3]), 1.0), match="index")
+    check_exception(lambda lib: lib.take(lib.zeros(3), T(lib, [5])), match="out of range")
+    check_exception(lambda lib: lib.topk(T(lib, [True, False]), 1), match="bool")
     check_exception(lambda lib: lib.zeros(3, 4).index_add(0, T(lib, [0, 0]), lib.ones(3, 4)),
                     match="index_add")
     check_exception(lambda lib: lib.zeros(3, 4).index_select(0, T(lib, [[1]])), match="vector")
     check_exception(lambda lib: lib.zeros(3, 4).index_select(0, T(lib, [1.0])), match="index")
     check_exception(lambda lib: lib.zeros(3, 4).index_select(1, T(lib, [4])), match="bounds")
+
+
+def test_index_put():
+    x, v = rand(3, 4), rand(3, seed=2)
+
+    def fn(lib, x, v):
+        i, j = T(lib, [0, 2, 2]), T(lib, [1, 1, 1])
+        a = lib.index_put(x, (i, j), v, accumulate=True)  # repeats add up
+        b = x.index_put((T(lib, [2, 0]),), v[:1].reshape(1, 1) * 2)
+        c = x * 1
+        c.index_put_((T(lib, [True, False, True]), T(lib, [3, 0])), v[1:])
+        c.index_put_([j], v.reshape(3, 1), accumulate=True)
+        return a, b, c
+
+    check_op(fn, [x, v], **F32)
+    check_exception(lambda lib: lib.zeros(3).index_put((T(lib, [0]),), T(lib, [1])),
+                    match="dtypes match")
 
 
 def test_masked_select_take():

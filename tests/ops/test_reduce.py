@@ -70,6 +70,20 @@ def test_sum_mean(shape, dim, keepdim, dtype):
     check_op(lambda lib, x: x.mean(**kw), [x], **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,dim", [((64, 300), 0), ((64, 300), 1), ((64, 300), (0, 1)),
+                                       ((2, 30, 200), (0, 1)), ((2, 30, 200), (1, 2)),
+                                       ((40, 3, 50), 0), ((40, 3, 50), 2)])
+def test_sum_mean_long_rows(shape, dim, dtype):
+    # sums over leading or trailing axes of contiguous floats go through BLAS: longer rows here
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == np.float32 else F64  # 300 float32 terms
+    x = rand(*shape, dtype=dtype)
+    check_op(lambda lib, x: x.sum(dim), [x], **tol)
+    check_op(lambda lib, x: lib.mean(x, dim, keepdim=True), [x], **tol)
+    check_op(lambda lib, x: x.softmax(-1), [x], **tol)
+    check_op(lambda lib, x: x.var(dim), [x], **tol)
+
+
 @pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.int32, np.int64])
 def test_sum_of_integers_is_int64(dtype):
     x = (rand(3, 4) * 3).astype(dtype)
