@@ -16,7 +16,7 @@ __all__ = ["tensor", "as_tensor", "from_numpy", "zeros", "ones", "full", "empty"
 def _infer_dtype(arr: np.ndarray, data) -> dtypes.dtype:
     kind = arr.dtype.kind
     if kind == "f":
-        if isinstance(data, np.ndarray):
+        if isinstance(data, (np.ndarray, np.generic)):
             return dtypes.from_numpy_dtype(arr.dtype)
         return dtypes.get_default_dtype()
     if kind in "iu":

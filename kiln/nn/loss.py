@@ -48,6 +48,19 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss
 
 
+def _weighted(loss: Tensor, weight, input: Tensor, reduction: str, by_weight: bool) -> Tensor:
+    """PyTorch's elementwise ``weight`` of mse/l1/huber: 'mean' divides by the summed weights
+    (mse, l1) or by the element count (huber)."""
+    if weight is None:
+        return _reduce(loss, reduction)
+    if not isinstance(weight, Tensor) or weight._data.shape != input._data.shape:
+        raise ValueError("Weights and input must have the same size.")
+    loss = loss * weight
+    if reduction == "mean" and by_weight:
+        return loss.sum() / weight.sum()
+    return _reduce(loss, reduction)
+
+
 def _tensors(input, target, op: str) -> None:
     for pos, (name, t) in enumerate((("input", input), ("target", target)), 1):
         if not isinstance(t, Tensor):
@@ -325,12 +338,17 @@ def _nll_loss_backward_vjp(h, node):
     return (gg,) + (None,) * (len(node.inputs) - 1)
 
 
+_BCE_EPS = float(np.float32(1e-12))  # PyTorch's EPSILON is a float constant, also for doubles
+
+
 @primitive("binary_cross_entropy", traits={"elementwise"}, save=(0, 1))
 def _binary_cross_entropy(x, y):
     """``-(y log x + (1 - y) log(1 - x))`` with both logs clamped at -100, as PyTorch."""
+    a, b = np.empty_like(x), np.empty_like(x)  # 0-d arrays stay arrays (for the out= below)
     with np.errstate(divide="ignore"):
-        a = np.log(x)
-        b = np.log1p(-x)
+        np.log(x, out=a)
+        np.negative(x, out=b)
+        np.log1p(b, out=b)
     np.maximum(a, -100, out=a)
     np.maximum(b, -100, out=b)
     a -= b
@@ -345,7 +363,7 @@ def _binary_cross_entropy_vjp(g, node):
     x, y = node.inputs
     gx = gy = None
     if node.needs[0]:
-        gx = g * (x - y) / (x * (1 - x)).clamp(min=1e-12)
+        gx = g * (x - y) / (x * (1 - x)).clamp(min=_BCE_EPS)
     if node.needs[1]:
         gy = g * ((-x).log1p() - x.log())
     return gx, gy
@@ -471,10 +489,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
     reduction = _reduction(size_average, reduce, reduction)
     input, target = _pointwise_operands(input, target, "mse_loss", "mse_cpu")
     d = input - target
-    loss = d * d
-    if weight is not None:
-        loss = loss * weight
-    return _reduce(loss, reduction)
+    return _weighted(d * d, weight, input, reduction, True)
 
 
 def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
@@ -482,10 +497,7 @@ def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
     """Mean absolute error ``|input - target|`` (gradient 0 where they are equal)."""
     reduction = _reduction(size_average, reduce, reduction)
     input, target = _pointwise_operands(input, target, "l1_loss", "abs", RuntimeError)
-    loss = (input - target).abs()
-    if weight is not None:
-        loss = loss * weight
-    return _reduce(loss, reduction)
+    return _weighted((input - target).abs(), weight, input, reduction, True)
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
@@ -512,9 +524,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
     d = (input - target).abs()
     loss = where(d < delta, d * d * 0.5, (d - 0.5 * delta) * delta)
-    if weight is not None:
-        loss = loss * weight
-    return _reduce(loss, reduction)
+    return _weighted(loss, weight, input, reduction, False)
 
 
 def _check_elementwise_weight(weight, input: Tensor, op: str, name: str = "weight") -> None:

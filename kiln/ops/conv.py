@@ -25,7 +25,6 @@ import numbers
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from kiln import dtypes
 from kiln.ops.elementwise import mul
 from kiln.ops.reduce import sum as _rsum
 from kiln.ops.registry import primitive
@@ -162,7 +161,7 @@ def _conv2d(x, w, *bias, stride, padding, dilation, groups):
 
 @_conv2d.def_infer
 def _conv2d_infer(shapes, dts, stride, padding, dilation, groups):
-    (N, C, H, W), (O, cg, kh, kw) = shapes[0], shapes[1]
+    (N, _, H, W), (O, _, kh, kw) = shapes[0], shapes[1]
     pt, pb, pl, pr = padding
     return (N, O, _out_len(H, kh, stride[0], pt, pb, dilation[0]),
             _out_len(W, kw, stride[1], pl, pr, dilation[1])), dts[0]
@@ -225,7 +224,7 @@ def _conv_transpose2d(g, w, stride, padding, dilation, groups):
 
 @_conv_transpose2d.def_infer
 def _conv_transpose2d_infer(shapes, dts, stride, padding, dilation, groups):
-    (N, O, Ho, Wo), (_, cg, kh, kw) = shapes
+    (N, _, Ho, Wo), (_, cg, kh, kw) = shapes
     pt, pb, pl, pr = padding
     H = (Ho - 1) * stride[0] + dilation[0] * (kh - 1) + 1 - pt - pb
     W = (Wo - 1) * stride[1] + dilation[1] * (kw - 1) + 1 - pl - pr
@@ -535,48 +534,66 @@ def _lowest(dt):
     return -np.inf if dt.kind == "f" else np.iinfo(dt).min
 
 
-def _max_windows(x, kernel, stride, padding, dilation, ceil_mode, want_index):
+def _max_windows(x, kernel, stride, padding, dilation, ceil_mode, want_index, nan_aware=False):
     """Max over each window, and (``want_index``) the flat H*W index of its first maximum
-    (NaN wins, as PyTorch's CPU kernel: ``val > max || isnan(val)``)."""
-    N, C, H, W = x.shape
+    (NaN wins, as PyTorch's CPU kernel: ``val > max || isnan(val)``).
+
+    Index bookkeeping is branch-free: scanning taps in increasing order, "this tap is the new
+    maximum" sets the index to the tap number, which exceeds every earlier one, so
+    ``index = maximum(index, is_new * tap)`` replaces a masked write (numpy's masked copies and
+    np.where run ~10x slower on unpredictable masks)."""
+    H, W = x.shape[2:]
     Ho, Wo, pads = _pool_pads(H, W, kernel, stride, padding, dilation, ceil_mode)
     xp = _pad_hw(x, pads, fill=_lowest(x.dtype))
     (kh, kw), (s0, s1), (d0, d1) = kernel, stride, dilation
     he, we = (Ho - 1) * s0 + 1, (Wo - 1) * s1 + 1
-    isfloat = x.dtype.kind == "f"
-    m = np.array(xp[..., 0:we:s1])
-    jj = np.zeros(m.shape, np.int32) if want_index else None
+    nan = nan_aware and x.dtype.kind == "f"
+    idt = np.uint8 if max(kh, kw) < 256 else np.int32
+    m = np.array(xp[..., 0:we:s1])  # pass 1: max over each window row (along W)
+    jj = np.zeros(m.shape, idt) if want_index else None
     for j in range(1, kw):
         v = xp[..., j * d1:j * d1 + we:s1]
         if want_index:
-            upd = v > m
-            if isfloat:
-                upd |= np.isnan(v)
-            np.copyto(jj, j, where=upd)
+            new = v > m
+            if nan:
+                new |= np.isnan(v)
+            np.maximum(jj, np.multiply(new, j, dtype=idt), out=jj)
         np.maximum(m, v, out=m)
-    out = np.array(m[:, :, 0:he:s0])
-    if want_index:
-        ii = np.zeros(out.shape, np.int32)
-        jsel = np.array(jj[:, :, 0:he:s0])
+    out = np.array(m[:, :, 0:he:s0])  # pass 2: max over the rows (along H)
+    ii = np.zeros(out.shape, idt) if want_index else None
     for i in range(1, kh):
         v = m[:, :, i * d0:i * d0 + he:s0]
         if want_index:
-            upd = v > out
-            if isfloat:
-                upd |= np.isnan(v)
-            np.copyto(ii, i, where=upd)
-            np.copyto(jsel, jj[:, :, i * d0:i * d0 + he:s0], where=upd)
+            new = v > out
+            if nan:
+                new |= np.isnan(v)
+            np.maximum(ii, np.multiply(new, i, dtype=idt), out=ii)
         np.maximum(out, v, out=out)
     if not want_index:
         return out
-    rows = ii.astype(np.int64) * d0 + (np.arange(Ho) * s0 - pads[0]).reshape(Ho, 1)
-    cols = jsel * d1 + (np.arange(Wo) * s1 - pads[2])
+    if not nan and x.dtype.kind == "f" and np.isnan(out).any():
+        # a NaN took part (np.maximum propagates it): redo with the NaN-aware comparisons
+        return _max_windows(x, kernel, stride, padding, dilation, ceil_mode, True, True)
+    if kh == 1:
+        jsel = jj[:, :, 0:he:s0]
+    else:  # the column index within the chosen row
+        jsel = np.zeros(out.shape, idt)
+        for i in range(kh):
+            jsel += (ii == i) * jj[:, :, i * d0:i * d0 + he:s0]
     if pads[0] or pads[2]:
+        rr = ii.astype(np.int64) * d0 + (np.arange(Ho) * s0 - pads[0]).reshape(Ho, 1)
+        cc = jsel.astype(np.int64) * d1 + (np.arange(Wo) * s1 - pads[2])
         # a window whose real values all equal the padding (-inf) "picks" a padding position:
         # PyTorch reports the window's first real tap instead
-        rows = np.where(rows < 0, rows % d0, rows)
-        cols = np.where(cols < 0, cols % d1, cols)
-    return rows * W + cols
+        if (rr < 0).any():
+            rr = np.where(rr < 0, rr % d0, rr)
+        if (cc < 0).any():
+            cc = np.where(cc < 0, cc % d1, cc)
+        return rr * W + cc
+    flat = ii.astype(np.int64) * (d0 * W)
+    flat += jsel * d1 if d1 != 1 else jsel
+    flat += (np.arange(Ho) * (s0 * W)).reshape(Ho, 1) + np.arange(Wo) * s1
+    return flat
 
 
 _POOL_ATTRS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
@@ -624,7 +641,7 @@ def _flat_index(idx, hw: int):
 
 @primitive("pool_gather", traits={"index"}, save=(1,))
 def _pool_gather(x, idx):
-    N, C, H, W = x.shape
+    H, W = x.shape[2:]
     return x.reshape(-1).take(_flat_index(idx, H * W))
 
 
@@ -689,7 +706,7 @@ def _divide(s, div):
 
 @primitive("avg_pool2d", traits={"reduce"})
 def _avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    N, C, H, W = x.shape
+    H, W = x.shape[2:]
     Ho, Wo, pads = _pool_pads(H, W, kernel, stride, padding, (1, 1), ceil_mode)
     xp = _pad_hw(x, pads)
     (kh, kw), (s0, s1) = kernel, stride
@@ -803,8 +820,8 @@ def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, return_i
     Ho, Wo, _ = _pool_pads(*x._data.shape[2:], kernel, stride, padding, dilation,
                            bool(ceil_mode))
     _check_pool_size(x, Ho, Wo, nd, unbatched)
-    attrs = dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-                 ceil_mode=bool(ceil_mode))
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation,
+             "ceil_mode": bool(ceil_mode)}
     if not return_indices:
         return _pool_out(_max_pool2d(x, **attrs), nd, unbatched)
     idx = _max_pool2d_indices(x, **attrs)
@@ -944,8 +961,12 @@ def adaptive_avg_pool1d(input: Tensor, output_size) -> Tensor:
 def _dropout_mask(x, p, shape):
     """Keep each element with probability 1-p, scaled by 1/(1-p) so the mean is unchanged."""
     dt = x.dtype
-    u = _rng(None).random(shape, dtype=np.float64 if dt == np.float64 else np.float32)
-    return np.multiply(u >= p, dt.type(1.0 / (1.0 - p)), dtype=dt)
+    n = int(np.prod(shape))
+    # 32 random bits per element (two from each raw 64-bit draw) compared with p * 2**32:
+    # a third of the time of generating uniform floats
+    bits = _rng(None).bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    keep = bits >= np.uint32(min(round(p * 2.0 ** 32), 2 ** 32 - 1))
+    return np.multiply(keep.reshape(shape), dt.type(1.0 / (1.0 - p)), dtype=dt)
 
 
 @_dropout_mask.def_infer

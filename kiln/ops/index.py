@@ -145,10 +145,11 @@ def _index_vjp(g, node):
 def _rows_add(out, rows, vals) -> None:
     """``out[rows] += vals`` with repeated rows accumulating.  A plain fancy write handles the
     first hit of each row (fast); ``np.add.at`` (slow) only the repeats."""
-    vals = np.broadcast_to(vals, rows.shape + out.shape[1:]).reshape((-1,) + out.shape[1:])
-    rows = rows.reshape(-1)
-    if rows.size == 0:
+    if rows.size == 0 or out.size == 0:
         return
+    vals = np.broadcast_to(vals, rows.shape + out.shape[1:]).reshape(
+        (rows.size,) + out.shape[1:])
+    rows = rows.reshape(-1)
     uniq, first = np.unique(rows, return_index=True)
     if uniq.size == rows.size:
         out[rows] += vals
@@ -333,7 +334,11 @@ def _parse_fast(shape: tuple, key):
         a = np.array(key, _I64)
     else:
         return None
-    return (), (0,), _make(_bounds(a, shape[0], 0)[None])
+    checked = _bounds(a, shape[0], 0)
+    indices = _make(checked[None])
+    if checked is a and tk is Tensor:  # a view of the user's index: share its version counter
+        indices._version = key._version
+    return (), (0,), indices
 
 
 def _parse(shape: tuple, key):
@@ -1262,7 +1267,9 @@ def _multinomial(p, num_samples, replacement, generator):
         u = rng.random((rows, num_samples)) + shift
         pos = np.searchsorted((cdf + shift).ravel(), u.ravel(), side="right")
         out = pos.reshape(rows, num_samples) - (shift * n).astype(np.int64)
-        np.minimum(out, n - 1, out=out)
+        # Rounding can push u past a row's end: clamp to its last possible category.
+        last = n - 1 - np.argmax(p2[:, ::-1] > 0, axis=1)
+        np.minimum(out, last[:, None], out=out)
     else:
         # PyTorch's method: the top num_samples of p / Exp(1) draws (Efraimidis-Spirakis).
         keys = p2 / rng.standard_exponential((rows, n))

@@ -9,7 +9,8 @@ import numpy as np
 
 from kiln import dtypes
 from kiln.ops.elementwise import binary_operands, mul
-from kiln.ops.reduce import sum as _rsum, sum_to
+from kiln.ops.reduce import sum as _rsum
+from kiln.ops.reduce import sum_to
 from kiln.ops.registry import primitive
 from kiln.tensor import Tensor, _make
 
@@ -41,7 +42,8 @@ def _matmul(a, b, ta, tb):
         b = b.swapaxes(-1, -2)
     if b.ndim == 2 and a.ndim > 2 and not ta:
         # (..., M, K) @ (K, N): one gemm over all rows beats a loop of small ones
-        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[1],))
+        return (a.reshape(_numel(a.shape[:-1]), a.shape[-1]) @ b).reshape(
+            a.shape[:-1] + (b.shape[1],))
     return np.matmul(a, b)
 
 
@@ -67,8 +69,9 @@ def _matmul_vjp(g, node):
     if nb:
         if b.ndim == 2 and a.ndim > 2 and not ta:
             # sum over the batch inside one gemm: (rows, K)^T @ (rows, N)
-            a2 = a.reshape(-1, a._data.shape[-1])
-            g2 = g.reshape(-1, g._data.shape[-1])
+            rows = _numel(a._data.shape[:-1])
+            a2 = a.reshape(rows, a._data.shape[-1])
+            g2 = g.reshape(rows, g._data.shape[-1])
             gb = _matmul(a2, g2, ta=True, tb=False) if not tb else _matmul(g2, a2, ta=True,
                                                                            tb=False)
         else:
@@ -290,7 +293,8 @@ def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -
 @primitive("linear", traits={"linalg"}, save=(0, 1))
 def _linear(x, w, *bias):
     if x.ndim > 2:
-        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
+        y = (x.reshape(_numel(x.shape[:-1]), x.shape[-1]) @ w.T).reshape(
+            x.shape[:-1] + (w.shape[0],))
     else:
         y = x @ w.T
     if bias:

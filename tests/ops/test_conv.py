@@ -239,7 +239,7 @@ MAXPOOL = [
 def test_max_pool2d(kw, dtype):
     x = rand(2, 3, 9, 8, dtype=dtype)
     check_op(lambda lib, x: F(lib).max_pool2d(x, **kw), [x], **EXACT)
-    check_op(lambda lib, x: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
+    check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
     check_op(lambda lib, x: F(lib).max_pool2d(x, **kw), [x[0]], **EXACT)  # unbatched
 
 
@@ -248,17 +248,17 @@ def test_max_pool2d_ties_go_to_the_first():
     x[0, 0] = 1.0  # every window all tied
     for kw in [{"kernel_size": 2}, {"kernel_size": 3, "stride": 1, "padding": 1},
                {"kernel_size": 3, "stride": 2, "ceil_mode": True}]:
-        check_op(lambda lib, x: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
-        check_op(lambda lib, x: F(lib).max_pool2d(x, **kw), [x], **EXACT)
+        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
+        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, **kw), [x], **EXACT)
 
 
 def test_max_pool2d_nan_wins():
     x = rand(1, 2, 6, 6)
     x[0, 0, 1, 1] = x[0, 0, 4, 3] = x[0, 1, 2, 2] = x[0, 1, 3, 3] = np.nan
     for kw in [{"kernel_size": 2}, {"kernel_size": 3, "stride": 1}]:
-        check_op(lambda lib, x: F(lib).max_pool2d(x, return_indices=True, **kw), [x],
+        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x],
                  **EXACT, grad=False)
-        check_op(lambda lib, x: F(lib).max_pool2d(x, **kw), [x], **EXACT)
+        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, **kw), [x], **EXACT)
 
 
 def test_max_pool2d_integer_and_inf():
@@ -283,7 +283,7 @@ def test_max_pool2d_double_backward():
     for kw in [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1}]:
         out = torch.nn.functional.max_pool2d(torch.tensor(x), **kw)
 
-        def fn(lib, w):
+        def fn(lib, w, kw=kw):
             xx = lib.tensor(x, requires_grad=True)
             (gx,) = lib.autograd.grad((F(lib).max_pool2d(xx, **kw) * w).sum(), xx,
                                       create_graph=True)

@@ -12,8 +12,8 @@ import torch.nn.functional as TF
 import kiln
 from tests.helpers import check_exception, check_op, rand
 
-F32 = dict(atol=1e-6, rtol=1e-5)
-F64 = dict(atol=1e-12, rtol=1e-12)
+F32 = {"atol": 1e-6, "rtol": 1e-5}
+F64 = {"atol": 1e-12, "rtol": 1e-12}
 TOL = {np.float32: F32, np.float64: F64}
 DTYPES = [np.float32, np.float64]
 SHAPES = [(), (0,), (5,), (3, 4), (2, 0, 3)]
@@ -37,7 +37,7 @@ def signed(*shape, low, high, seed=0, dtype=np.float32):
     return (mag * rng.choice([-1.0, 1.0], size=shape)).astype(dtype)
 
 
-# -- unary ops: values and gradients over shapes and dtypes ---------------------------------------
+# -- unary ops: values and gradients over shapes and dtypes ----------------------------------------
 
 UNARY = {
     "exp": (lambda lib, x: lib.exp(x), (-3, 3)),
@@ -119,7 +119,7 @@ def test_tensor_methods(name):
     check_op(METHODS[name], [rand(3, 4, low=0.2, high=2) * arr([1, -1, 1, -1])], **F32)
 
 
-# -- binary ops: broadcasting, dtypes, scalars on either side -------------------------------------
+# -- binary ops: broadcasting, dtypes, scalars on either side --------------------------------------
 
 BINARY = {
     "add": (lambda lib, x, y: lib.add(x, y), None),
@@ -206,7 +206,7 @@ def test_scalar_remainder():
              torch_fn=lambda lib, x: 5 - x * lib.div(5, x, rounding_mode="floor"))
 
 
-# -- dtype promotion ---------------------------------------------------------------------------------
+# -- dtype promotion -------------------------------------------------------------------------------
 
 def ints(*shape, low=-5, high=6, seed=0, dtype=np.int64):
     return np.random.default_rng(seed).integers(low, high, shape).astype(dtype)
@@ -264,7 +264,8 @@ PROMOTION = [
     ("trunc(int)", lambda lib, a: a.trunc(), [ints(4)]),
     ("neg(int)", lambda lib, a: -a, [ints(4)]),
     ("clamp(int, 0.5)", lambda lib, a: lib.clamp(a, min=0.5), [ints(4)]),
-    ("clamp(int, f32 0-d)", lambda lib, a, b: lib.clamp(a, min=b), [ints(4), np.array(0.5, np.float32)]),
+    ("clamp(int, f32 0-d)", lambda lib, a, b: lib.clamp(a, min=b),
+     [ints(4), np.array(0.5, np.float32)]),
     ("clamp(int, 0, 3)", lambda lib, a: lib.clamp(a, 0, 3), [ints(5)]),
     ("clamp(bool, 0, 1)", lambda lib, a: lib.clamp(a, 0, 1), [BOOLS]),
     ("relu(int)", lambda lib, a: lib.relu(a), [ints(5)]),
@@ -279,7 +280,8 @@ PROMOTION = [
     ("where(0-d f64, f16)", lambda lib, a, b, c: lib.where(a > 0, b, c),
      [ints(3), np.array(1.5), rand(3, dtype=np.float16)]),
     ("masked_fill(int, 2.5)", lambda lib, a: a.masked_fill(a > 0, 2.5), [ints(5)]),
-    ("masked_fill(f32, int 0-d)", lambda lib, a, v: a.masked_fill(a > 0, v), [rand(5), np.array(3)]),
+    ("masked_fill(f32, int 0-d)", lambda lib, a, v: a.masked_fill(a > 0, v),
+     [rand(5), np.array(3)]),
     ("square(int)", lambda lib, a: lib.square(a), [ints(4)]),
     ("int +=", lambda lib, a: _iadd(a, 3), [ints(4)]),
 ]
@@ -305,7 +307,7 @@ def test_mixed_float_gradients(pair):
     check_op(lambda lib, x, y: x * y, [a, np.array(1.5, pair[1])], atol=1e-3, rtol=1e-3)
 
 
-# -- comparisons and logic ---------------------------------------------------------------------------
+# -- comparisons and logic -------------------------------------------------------------------------
 
 def small_ints_as(dtype, *shape, seed=0):
     return ints(*shape, low=-2, high=3, seed=seed).astype(dtype)
@@ -341,8 +343,8 @@ def test_comparison_operators(case):
 def test_eq_with_other_objects():
     for lib in (kiln, torch):
         t = lib.tensor([1, 2])
-        assert (t == None) is False  # noqa: E711
-        assert (t != None) is True  # noqa: E711
+        assert (t == None) is False
+        assert (t != None) is True
         assert (t == "a") is False
     # tensors stay hashable with __eq__ overridden
     t = kiln.tensor([1.0])
@@ -419,15 +421,15 @@ def test_equal():
 
 
 ISCLOSE = [
-    (dict(), arr([1.0, 2.0, np.inf, np.nan, 1e-9, -np.inf, 100.0]),
+    ({}, arr([1.0, 2.0, np.inf, np.nan, 1e-9, -np.inf, 100.0]),
      arr([1.0 + 1e-6, 2.1, np.inf, np.nan, 0.0, np.inf, 100.001])),
-    (dict(equal_nan=True), arr([np.nan, 1.0]), arr([np.nan, np.nan])),
-    (dict(rtol=0.0, atol=0.0), arr([1.0, 2.0]), arr([1.0, 2.0 + 1e-6])),
-    (dict(rtol=0.1, atol=0.5), arr([1.0, 2.0, 10.0]), arr([1.4, 3.0, 11.0])),
-    (dict(atol=2), np.array([1, 5, -3]), np.array([1, 8, -1])),
-    (dict(rtol=0.5), np.array([1, 5, -3]), np.array([2, 8, -1])),
-    (dict(), np.array([True, False]), np.array([True, True])),
-    (dict(rtol=1e-10, atol=1e-12), np.array([1.0, 1.0 + 1e-11]), np.array([1.0, 1.0])),
+    ({"equal_nan": True}, arr([np.nan, 1.0]), arr([np.nan, np.nan])),
+    ({"rtol": 0.0, "atol": 0.0}, arr([1.0, 2.0]), arr([1.0, 2.0 + 1e-6])),
+    ({"rtol": 0.1, "atol": 0.5}, arr([1.0, 2.0, 10.0]), arr([1.4, 3.0, 11.0])),
+    ({"atol": 2}, np.array([1, 5, -3]), np.array([1, 8, -1])),
+    ({"rtol": 0.5}, np.array([1, 5, -3]), np.array([2, 8, -1])),
+    ({}, np.array([True, False]), np.array([True, True])),
+    ({"rtol": 1e-10, "atol": 1e-12}, np.array([1.0, 1.0 + 1e-11]), np.array([1.0, 1.0])),
 ]
 
 
@@ -519,7 +521,7 @@ def test_kinks_and_exact_values(case, dtype):
     inputs = [x.astype(dtype) for x in inputs]
     torch_fn = None
     if case[0] == "float division by 0":
-        torch_fn = lambda lib, x, y: (x / y, lib.div(x, y, rounding_mode="floor"),  # noqa: E731
+        torch_fn = lambda lib, x, y: (x / y, lib.div(x, y, rounding_mode="floor"),
                                       lib.remainder(x, y))
     check_op(fn, inputs, **TOL[dtype], torch_fn=torch_fn)
 
@@ -550,7 +552,7 @@ def test_large_inputs_stay_finite(name, dtype):
         assert not np.isnan(out.detach().numpy()).any()
 
 
-# -- erf: accuracy and speed ---------------------------------------------------------------------
+# -- erf: accuracy and speed -----------------------------------------------------------------------
 
 def test_erf_accuracy():
     grid = np.concatenate([np.linspace(-7, 7, 200001), np.logspace(-300, 1, 2000),
@@ -575,7 +577,7 @@ def test_erf_is_fast():
     assert per_call < 0.1, f"erf on 500k float32 took {per_call * 1e3:.1f} ms"
 
 
-# -- where, masked_fill ------------------------------------------------------------------------------
+# -- where, masked_fill ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shapes", [((3, 4), (3, 4), (3, 4)), ((3, 1), (1, 4), (4,)),
@@ -611,7 +613,7 @@ def test_masked_fill(shapes, dtype):
              **TOL[dtype])
 
 
-# -- in-place ops --------------------------------------------------------------------------------
+# -- in-place ops ----------------------------------------------------------------------------------
 
 def _chain(*ops):
     """``x * 1`` (a non-leaf) modified by the in-place ops, each ``op(lib, y, *others)``."""
@@ -856,14 +858,14 @@ def test_inplace_integer_and_no_grad_values():
 
 ERRORS = [
     ("add shapes", lambda lib: lib.ones(2, 3) + lib.ones(2, 4),
-     r"^add: The size of tensor a \(3\) must match the size of tensor b \(4\) at non-singleton "
-     r"dimension 1"),
+     (r"^add: The size of tensor a \(3\) must match the size of tensor b \(4\) at "
+      r"non-singleton dimension 1")),
     ("mul shapes 3d", lambda lib: lib.ones(2, 3, 4) * lib.ones(5, 4),
-     r"mul: The size of tensor a \(3\) must match the size of tensor b \(5\) at non-singleton "
-     r"dimension 1"),
+     (r"mul: The size of tensor a \(3\) must match the size of tensor b \(5\) at "
+      r"non-singleton dimension 1")),
     ("sub shapes", lambda lib: lib.sub(lib.ones(5, 4), lib.ones(2, 3, 4)),
-     r"sub: The size of tensor a \(5\) must match the size of tensor b \(3\) at non-singleton "
-     r"dimension 1"),
+     (r"sub: The size of tensor a \(5\) must match the size of tensor b \(3\) at "
+      r"non-singleton dimension 1")),
     ("where shapes", lambda lib: lib.where(lib.tensor([True, False]), lib.ones(2), lib.ones(3)),
      r"where: The size of tensor a \(2\) must match the size of tensor b \(3\)"),
     ("clamp shapes", lambda lib: lib.clamp(lib.ones(2), min=lib.ones(3)),
@@ -942,7 +944,7 @@ def test_broadcast_message_names_shapes():
     assert "float32[2, 3]" in str(err) and "float32[2, 4]" in str(err)
 
 
-# -- double backward -----------------------------------------------------------------------------
+# -- double backward -------------------------------------------------------------------------------
 
 def _double_backward(lib, fn, arrays):
     xs = [lib.tensor(a, requires_grad=True) for a in arrays]

@@ -90,6 +90,7 @@ ADVANCED = [
     ([[0, 1], [1, 2]]),                              # list of lists: a tuple (PyTorch rule)
     (tt(np.array([0, 2], np.int32)),),               # int32 index
     (Ellipsis, tt([[True, False, True, False, True]] * 4)),
+    (tt([2, 1, 0]), slice(4, 4)),                    # empty region of an advanced index
 ]
 
 
@@ -121,8 +122,7 @@ def test_getitem_is_a_view():
 
 
 def test_getitem_multiply_used_and_chained():
-    check_op(lambda lib, x: x[0] * x[1:2] + x[[2, 2]][:, 1:] .sum(),
-             [rand(3, 4)], **F32)
+    check_op(lambda lib, x: x[0] * x[1:2] + x[[2, 2]][:, 1:].sum(), [rand(3, 4)], **F32)
     check_op(lambda lib, x: x[1:][:, [0, 0]][0], [rand(3, 4, dtype=np.float64)], **F64)
 
 
@@ -226,6 +226,8 @@ def test_setitem_augmented_multiply():
     def fn(lib, x, v):
         y = x * 1
         y[1:] *= v
+        y[[0, 0]] /= v
+        y[:, 1] /= x[:, 2]
         return y
 
     check_op(fn, [rand(3, 4), rand(4, seed=2)], **F32)

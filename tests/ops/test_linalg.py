@@ -50,6 +50,8 @@ MATMUL_SHAPES = [
     ((0, 3), (3, 4)),             # empty
     ((2, 0), (0, 3)),             # empty contraction: zeros
     ((3, 0, 2, 3), (3, 2)),
+    ((2, 3, 0), (0, 4)),
+    ((2, 3, 0), (2, 0, 4)),
     ((1, 1), (1, 1)),
 ]
 
@@ -183,7 +185,7 @@ def test_product_errors():
 # -- linear --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("xshape", [(4, 3), (3,), (2, 5, 3), (0, 3), (2, 1, 4, 3)])
+@pytest.mark.parametrize("xshape", [(4, 3), (3,), (2, 5, 3), (0, 3), (2, 1, 4, 3), (2, 0, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear(xshape, with_bias, dtype):
     x, w, b = rand(*xshape, dtype=dtype), rand(6, 3, seed=1, dtype=dtype), rand(6, seed=2,
