@@ -17,14 +17,16 @@ from kiln.utils.data import DataLoader, TensorDataset
 
 
 class DigitsCNN(nn.Module):
-    """Two 3x3 convolutions at full resolution, a 2x2 max-pool, then a two-layer classifier."""
+    """Two 3x3 convolutions (with batch norm) at full resolution, a 2x2 max-pool, then a
+    two-layer classifier."""
 
     def __init__(self, channels: int = 32, hidden: int = 128, classes: int = 10,
                  dropout: float = 0.25) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8 -> 4x4
         )
         self.classifier = nn.Sequential(

@@ -41,12 +41,12 @@ def predict(model: nn.Module, x: kiln.Tensor) -> kiln.Tensor:
     return model(x).argmax(dim=1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--checkpoint", default="digits_cnn.safetensors")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     kiln.manual_seed(0)
     images, labels = load_digits()  # (1797, 1, 8, 8) float32 in [0, 1], int64 labels

@@ -99,7 +99,7 @@ def test_char_gpt_generate_and_weight_tying():
     out = model.generate(idx, 12, temperature=0.8, top_k=5)  # longer than the block size
     assert out.shape == (2, 13) and out.dtype == kiln.int64
     assert int(out.min()) >= 0 and int(out.max()) < 11
-    logits, loss = model(out[:, :8], out[:, 1:9])
+    logits, loss = model(out[:, :8], out[:, 1:9].contiguous())
     assert logits.shape == (2, 8, 11) and loss.ndim == 0
     loss.backward()
     assert model.lm_head.weight.grad is not None
@@ -258,7 +258,15 @@ def test_loss_curve_parity_with_pytorch(model_name, opt_name):
     # and the weights they end with
     t_state = t_model.state_dict()
     for name, value in k_model.state_dict().items():
-        np.testing.assert_allclose(value.numpy(), t_state[name].numpy(), rtol=1e-3, atol=1e-4,
+        k_value, t_value = value.numpy(), t_state[name].numpy()
+        if name.endswith("c_attn.bias"):
+            # The key bias adds q.b to every score of a row, which softmax ignores: its gradient
+            # is zero up to rounding noise, which Adam's normalisation turns into steps of size
+            # lr in directions that differ between the frameworks.  It cannot move the loss.
+            C = k_value.shape[0] // 3
+            k_value, t_value = np.delete(k_value, np.s_[C:2 * C]), np.delete(t_value,
+                                                                              np.s_[C:2 * C])
+        np.testing.assert_allclose(k_value, t_value, rtol=1e-3, atol=1e-4,
                                    err_msg=f"{model_name} + {opt_name}: parameter {name}")
 
 

@@ -20,4 +20,7 @@ from kiln.nn.loss import (  # noqa: E402,F401
     SmoothL1Loss,
 )
 from kiln.nn.normalization import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm  # noqa: E402,F401
+from kiln.nn.attention import MultiheadAttention  # noqa: E402,F401
+from kiln.nn.transformer import TransformerEncoder, TransformerEncoderLayer  # noqa: E402,F401
+from kiln.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402,F401
 # == end of losses, normalization, attention =====================================================

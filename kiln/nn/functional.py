@@ -224,4 +224,5 @@ from kiln.nn.loss import (  # noqa: E402,F401
     mse_loss, nll_loss, smooth_l1_loss,
 )
 from kiln.nn.normalization import batch_norm, group_norm, layer_norm  # noqa: E402,F401
+from kiln.nn.attention import scaled_dot_product_attention  # noqa: E402,F401
 # == end of losses, normalization, attention =====================================================

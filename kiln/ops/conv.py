@@ -99,7 +99,10 @@ def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo, ones=False):
     if not ones:
         return win.reshape(N * Ho * Wo, K)
     cols = np.empty((N * Ho * Wo, K + 1), x.dtype)
-    cols[:, :K].reshape(N, Ho, Wo, kh, kw, C)[...] = win
+    it = cols.itemsize
+    r = (K + 1) * it  # the gather writes straight into the first K columns
+    np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
+              win)
     cols[:, K] = 1
     return cols
 
@@ -117,7 +120,10 @@ def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
     if not ones:
         return win.reshape(N, groups, K, Ho * Wo)
     cols = np.empty((N, groups, K + 1, Ho * Wo), x.dtype)
-    cols[:, :, :K].reshape(N, groups, cg, kh, kw, Ho, Wo)[...] = win
+    it, P = cols.itemsize, Ho * Wo
+    np.copyto(as_strided(cols, win.shape, (groups * (K + 1) * P * it, (K + 1) * P * it,
+                                           kh * kw * P * it, kw * P * it, P * it, Wo * it, it)),
+              win)
     cols[:, :, K] = 1
     return cols
 
@@ -310,7 +316,7 @@ def _sname(t: Tensor) -> str:
     return _SNAME[t.dtype.name]
 
 
-def _conv_checks(x, w, bias, nd: int, op: str, transposed: bool):
+def _conv_checks(x, w, bias, nd: int, op: str):
     x = _tensor_arg(x, op, "input")
     w = _tensor_arg(w, op, "weight")
     if x.ndim not in (nd + 1, nd + 2):
@@ -348,7 +354,7 @@ def _check_geometry(stride, dilation, pads):
 
 
 def _conv(input, weight, bias, stride, padding, dilation, groups, nd: int, op: str) -> Tensor:
-    x, w, bias = _conv_checks(input, weight, bias, nd, op, False)
+    x, w, bias = _conv_checks(input, weight, bias, nd, op)
     groups = _check_groups(groups, op)
     stride = _ints(stride, nd, "stride", op)
     dilation = _ints(dilation, nd, "dilation", op)
@@ -429,7 +435,7 @@ def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
 
 def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation,
                     nd: int, op: str) -> Tensor:
-    x, w, bias = _conv_checks(input, weight, bias, nd, op, True)
+    x, w, bias = _conv_checks(input, weight, bias, nd, op)
     groups = _check_groups(groups, op)
     stride = _ints(stride, nd, "stride", op)
     dilation = _ints(dilation, nd, "dilation", op)

@@ -1242,13 +1242,15 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
 @_nd
 def _softplus(x, beta, threshold):
     bx = x * beta if beta != 1 else x
-    # log(1 + exp(bx)) = max(bx, 0) + log1p(exp(-|bx|)): never overflows, and ten times
-    # faster than np.logaddexp
-    out = np.abs(bx)
-    np.negative(out, out=out)
-    np.exp(out, out=out)
-    np.log1p(out, out=out)
-    out += np.maximum(bx, 0)
+    if bx.size <= 1024:
+        out = np.logaddexp(0, bx)  # log(1 + exp(bx)) without overflow, in one call
+    else:
+        # the same as max(bx, 0) + log1p(exp(-|bx|)), ten times faster than np.logaddexp
+        out = np.abs(bx)
+        np.negative(out, out=out)
+        np.exp(out, out=out)
+        np.log1p(out, out=out)
+        out += np.maximum(bx, 0)
     if beta != 1:
         out /= beta
     if threshold != math.inf:
@@ -1603,9 +1605,10 @@ def _apply_inplace(prim, self: Tensor, others: tuple, attrs: dict) -> Tensor:
     """``dispatch.apply_inplace``, plus the case it misses: it keeps a copy of the target's old
     value for the VJP only when the target itself requires grad, but the VJP for another input
     may read it too (``a.mul_(w)`` with only ``w`` requiring grad)."""
-    if (0 in prim.save and not self._rg and STATE.grad_enabled
-            and any(o._rg for o in others)):
-        return _assign(self, prim(clone(self), *others, **attrs), prim.name + "_")
+    if STATE.grad_enabled and not self._rg and 0 in prim.save:
+        for o in others:
+            if o._rg:
+                return _assign(self, prim(clone(self), *others, **attrs), prim.name + "_")
     return apply_inplace(prim, self, others, attrs)
 
 
@@ -1698,9 +1701,11 @@ def round_(self, *, decimals=0):
 
 def clamp_(self, min=None, max=None):
     dt, lo, hi = _clamp_operands(self, min, max, "clamp_")
-    if dt._category > self.dtype._category:
-        raise _cast_error("clamp_", dt, self)
-    return _apply_inplace(_clamp, self, (cast(lo, self.dtype), cast(hi, self.dtype)),
+    if dt.np != self._data.dtype:
+        if dt._category > self.dtype._category:
+            raise _cast_error("clamp_", dt, self)
+        lo, hi = cast(lo, self.dtype), cast(hi, self.dtype)
+    return _apply_inplace(_clamp, self, (lo, hi),
                           {"has_min": min is not None, "has_max": max is not None})
 
 

@@ -168,21 +168,24 @@ def _sum_np(x, axes, keepdims):
     if 0 < k < nd and x.dtype in _BLAS_FLOATS and x.flags.c_contiguous and x.size:
         shape = x.shape
         if axes[0] == nd - k and axes[-1] == nd - 1:
+            kept = shape[:nd - k]
             n = _count(shape, axes)
             if n <= 8192:
                 out = x.reshape(-1, n) @ _ones(n, x.dtype)
-                return out.reshape(_reduced_shape(shape, axes, keepdims))
+                return out.reshape(kept + (1,) * k if keepdims else kept)
         elif axes[0] == 0 and axes[-1] == k - 1:
             n = _count(shape, axes)
             if n <= 8192 and x.size >= 32 * n:  # tall, thin matrices are slower through BLAS
                 out = _ones(n, x.dtype) @ x.reshape(n, -1)
-                return out.reshape(_reduced_shape(shape, axes, keepdims))
+                return out.reshape((1,) * k + shape[k:] if keepdims else shape[k:])
     # ufunc.reduce directly: np.sum's Python wrapper costs more than summing a small tensor
     return np.add.reduce(x, axis=axes, dtype=x.dtype, keepdims=keepdims)
 
 
 @primitive("sum", traits={"reduce"})
 def _sum(x, axes, keepdims):
+    if x.dtype == np.float16:  # as PyTorch, sum halves in float
+        return np.add.reduce(x, axis=axes, dtype=np.float32, keepdims=keepdims).astype(x.dtype)
     return _sum_np(x, axes, keepdims)
 
 
@@ -540,9 +543,13 @@ def argmin(input: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     return _arg(_argmin, input, dim, keepdim, "argmin")
 
 
-@primitive("pick_along", traits={"index"})
+@primitive("pick_along", traits={"index"}, save=(1,))
 def _pick_along(x, index, axis, keepdims):
     """``x``'s values at ``index`` (one per slice along ``axis``): max/min values with a dim."""
+    if axis == x.ndim - 1 and x.flags.c_contiguous and x.size:  # a flat gather is faster
+        n = x.shape[-1]
+        flat = index.reshape(-1) + np.arange(0, index.size * n, n)
+        return x.reshape(-1)[flat].reshape(index.shape)
     if not keepdims:
         index = np.expand_dims(index, axis)
     out = np.take_along_axis(x, index, axis)
@@ -561,7 +568,7 @@ def _pick_along_vjp(g, node):
     return (_put_along(g, index, axis=a["axis"], keepdims=a["keepdims"], shape=x.shape), None)
 
 
-@primitive("put_along", traits={"index"})
+@primitive("put_along", traits={"index"}, save=(1,))
 def _put_along(g, index, axis, keepdims, shape):
     """Zeros of ``shape`` with ``g`` at ``index`` along ``axis``: the adjoint of pick_along."""
     out = np.zeros(shape, g.dtype)
@@ -630,12 +637,26 @@ def min(input: Tensor, dim=None, keepdim=None, *, other=None):  # noqa: A001
 def _var_np(x, axes, correction, keepdims):
     if x.ndim == 0:  # ufuncs give numpy scalars for 0-d arrays; work on one element instead
         return _var_np(x.reshape(1), (0,), correction, False).reshape(())
-    n = _count(x.shape, axes)
-    dof = builtins.max(0.0, n - correction)  # PyTorch divides by 0 rather than a negative
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = x - _mean_np(x, axes, True) if x.size else x.copy()
-        np.multiply(d, d, out=d)
-        return _sum_np(d, axes, keepdims) / x.dtype.type(dof)
+    if x.dtype == np.float16:  # as PyTorch, accumulate halves in float
+        return _var_np(x.astype(np.float32), axes, correction, keepdims).astype(np.float16)
+    dof = _count(x.shape, axes) - correction
+    if dof > 0:
+        return _squared_deviations(x, axes, keepdims) / x.dtype.type(dof)
+    with np.errstate(divide="ignore", invalid="ignore"):  # PyTorch divides by 0, not by dof < 0
+        return _squared_deviations(x, axes, keepdims) / x.dtype.type(0)
+
+
+def _squared_deviations(x, axes, keepdims):
+    """Sum of squared deviations from the mean: the two-pass algorithm, as np.var."""
+    if not x.size:
+        return np.add.reduce(x, axis=axes, keepdims=keepdims)
+    d = x - _mean_np(x, axes, True)
+    if len(axes) == x.ndim:  # everything: one dot product
+        v = d.reshape(-1)
+        out = np.dot(v, v)
+        return out.reshape((1,) * x.ndim) if keepdims else out
+    np.multiply(d, d, out=d)
+    return _sum_np(d, axes, keepdims)
 
 
 @primitive("var", traits={"reduce"}, save=(0,))
@@ -802,13 +823,13 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
 
 @primitive("all", traits={"reduce"})
 def _all(x, axes, keepdims):
-    out = np.all(x, axis=axes, keepdims=keepdims)
+    out = np.logical_and.reduce(x, axis=axes, dtype=np.bool_, keepdims=keepdims)
     return out.astype(np.uint8) if x.dtype == np.uint8 else out  # PyTorch keeps uint8
 
 
 @primitive("any", traits={"reduce"})
 def _any(x, axes, keepdims):
-    out = np.any(x, axis=axes, keepdims=keepdims)
+    out = np.logical_or.reduce(x, axis=axes, dtype=np.bool_, keepdims=keepdims)
     return out.astype(np.uint8) if x.dtype == np.uint8 else out
 
 

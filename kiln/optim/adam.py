@@ -6,6 +6,8 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
+    addcdiv_,
+    addcmul_,
     check_differentiable,
     check_lr,
     check_nonneg,
@@ -96,20 +98,22 @@ class Adam(Optimizer):
                 exp_avg = state["exp_avg"]
                 exp_avg_sq = state["exp_avg_sq"]
                 exp_avg.lerp_(grad, one_minus_beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
+                addcmul_(exp_avg_sq.mul_(beta2), grad, grad, one_minus_beta2)
                 # Bias corrections are Python floats (PyTorch's non-capturable path); params of a
                 # group almost always share their step, so compute them once per group.
                 if step != cached_step:
                     cached_step = step
                     step_size = lr / (1 - beta1**step)
                     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                # The denominator is a fresh temporary, so it is built with out-of-place ops
+                # (PyTorch's add_ on it would only add a copy back in eager kiln).
                 if amsgrad:
                     max_sq = state["max_exp_avg_sq"]
                     max_sq.copy_(_ew.maximum(max_sq, exp_avg_sq))
-                    denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                    denom = (max_sq.sqrt() / bias_correction2_sqrt).add(eps)
                 else:
-                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
+                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add(eps)
+                addcdiv_(p, exp_avg, denom, -step_size)
         return loss
 
     def __setstate__(self, state) -> None:

@@ -6,6 +6,9 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
+    addcdiv_,
+    addcmul,
+    addcmul_,
     check_differentiable,
     check_lr,
     eval_closure,
@@ -76,18 +79,18 @@ class RMSprop(Optimizer):
                 if weight_decay != 0:
                     grad = grad.add(p, alpha=weight_decay)
                 square_avg = state["square_avg"]
-                square_avg.mul_(alpha).addcmul_(grad, grad, value=one_minus_alpha)
+                addcmul_(square_avg.mul_(alpha), grad, grad, one_minus_alpha)
                 if centered:
                     grad_avg = state["grad_avg"]
                     grad_avg.lerp_(grad, one_minus_alpha)
-                    avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+                    avg = addcmul(square_avg, grad_avg, grad_avg, -1).sqrt()
                 else:
                     avg = square_avg.sqrt()
-                avg = avg.add_(eps)
+                avg = avg.add(eps)
                 if momentum > 0:
                     buf = state["momentum_buffer"]
-                    buf.mul_(momentum).addcdiv_(grad, avg)
+                    addcdiv_(buf.mul_(momentum), grad, avg)
                     p.add_(buf, alpha=-lr)
                 else:
-                    p.addcdiv_(grad, avg, value=-lr)
+                    addcdiv_(p, grad, avg, -lr)
         return loss

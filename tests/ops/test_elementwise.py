@@ -482,6 +482,8 @@ KINKS = [
     ("leaky_relu at 0", lambda lib, x: nnf(lib).leaky_relu(x, 0.1), [arr([-2.0, 0.0, 1.0])]),
     ("leaky_relu negative slope", lambda lib, x: nnf(lib).leaky_relu(x, -0.5),
      [arr([-2.0, 0.0, 1.0])]),
+    ("leaky_relu slope above 1", lambda lib, x: nnf(lib).leaky_relu(x, 3.0),
+     [arr([-2.0, 0.0, 1.0, np.nan])]),
     ("elu at 0", lambda lib, x: nnf(lib).elu(x), [arr([-2.0, 0.0, 1.0, -1e-6])]),
     ("elu alpha at 0", lambda lib, x: nnf(lib).elu(x, 2.0), [arr([-2.0, 0.0, 1.0])]),
     ("softplus threshold", lambda lib, x: nnf(lib).softplus(x, beta=2, threshold=5),
@@ -550,6 +552,49 @@ def test_large_inputs_stay_finite(name, dtype):
     out = check_op(STABLE[name], [LARGE.astype(dtype)], **TOL[dtype])[0]
     if name not in ("exp",):
         assert not np.isnan(out.detach().numpy()).any()
+
+
+BIG = {
+    "erf": lambda lib, x: lib.erf(x),
+    "gelu": lambda lib, x: nnf(lib).gelu(x),
+    "sigmoid": lambda lib, x: lib.sigmoid(x),
+    "softplus": lambda lib, x: nnf(lib).softplus(x, beta=2.0, threshold=4.0),
+    "logsigmoid": lambda lib, x: nnf(lib).logsigmoid(x),
+    "elu": lambda lib, x: nnf(lib).elu(x),
+    "leaky_relu": lambda lib, x: nnf(lib).leaky_relu(x),
+    "clamp": lambda lib, x: lib.clamp(x, -1.0, 1.5),
+    "sign": lambda lib, x: lib.sign(x),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_large_arrays(name, dtype):
+    """Sizes past the small-array and chunking thresholds of the kernels (erf's in particular)."""
+    x = rand(130, 131, low=-5, high=5, dtype=dtype)
+    # PyTorch's float32 gelu(inf) is NaN (its float64 one, and kiln's, are inf)
+    x[0, :4] = [np.nan, 50.0 if name == "gelu" else np.inf, -np.inf, 0.0]
+    torch_fn = None
+    if name == "gelu" and dtype == np.float32:
+        # PyTorch's float32 gelu uses a cruder erf than torch.erf (errors up to 1e-6 near
+        # x = -3.5, where 1 + erf cancels); compare with its float64 result instead
+        torch_fn = lambda lib, x: TF.gelu(x.double()).float()
+    check_op(BIG[name], [x], **TOL[dtype], torch_fn=torch_fn)
+
+
+F16 = {
+    "exp": lambda lib, x: lib.exp(x), "sigmoid": lambda lib, x: lib.sigmoid(x),
+    "tanh": lambda lib, x: lib.tanh(x), "erf": lambda lib, x: lib.erf(x),
+    "relu": lambda lib, x: lib.relu(x), "gelu": lambda lib, x: nnf(lib).gelu(x),
+    "silu": lambda lib, x: nnf(lib).silu(x), "clamp": lambda lib, x: x.clamp(-0.5, 0.5),
+    "mul": lambda lib, x: x * x + 1, "pow": lambda lib, x: x ** 2,
+}
+
+
+@pytest.mark.parametrize("size", [5, 100], ids=str)
+@pytest.mark.parametrize("name", sorted(F16))
+def test_float16(name, size):
+    check_op(F16[name], [rand(size, dtype=np.float16)], atol=2e-3, rtol=2e-3)
 
 
 # -- erf: accuracy and speed -----------------------------------------------------------------------
