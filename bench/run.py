@@ -1,219 +1,268 @@
-"""Benchmark runner: every (peer, mode) in its own fresh process, rounds interleaved, ratios
-against PyTorch eager taken within each round (shared/bench-workloads.md, timing protocol).
+"""Benchmark runner: Kiln side by side with PyTorch, TensorFlow and JAX on the workloads of
+shared/bench-workloads.md (spec version 1).
 
-    python bench/run.py --quick                 # Kiln eager vs PyTorch eager, 3 workloads
-    python bench/run.py --peers kiln:eager torch:eager torch:compile --rounds 3
+    bash bench/setup_peers.sh       # once: a venv per peer under bench/.venvs/
+    python bench/run.py             # full suite: every peer and mode, matmul probe, 3 rounds
+    python bench/run.py --quick     # Kiln eager vs PyTorch eager on mlp, cnn, gpt (~2 min)
+    python bench/run.py --peers kiln:eager jax:jit --workloads gpt --rounds 2
+    python bench/run.py --report bench/results/<file>.jsonl   # re-render a report
 
-Writes ``bench/results/<date>-<run_id>.jsonl`` (one JSON object per measurement) and prints a
-Markdown table.  Steady-state numbers exclude warm-up; first-step and compile time are
-reported separately.
+Every (peer, mode, workload) runs in its own fresh process, under the interpreter of its peer
+(Kiln and the numpy probe: this interpreter; torch, tf, jax: bench/.venvs/<peer>); each round
+runs all of them in a rotated order, and ratios against PyTorch eager are taken within the
+round.  Writes bench/results/<date>-<run_id>.jsonl (one JSON object per measurement, appended
+as they come), .md (the report) and .png (the plot, drawn with matplotlib from the torch venv).
+The thread environment is recorded as found and passed to the workers unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402  (bench/ is not a package)
+
 WORKLOADS = ["mlp", "cnn", "gpt"]
-THREADS = 2
+PEERS = ["kiln", "torch", "tf", "jax"]  # training peers, in display order
+MATMUL_PEERS = ["numpy", "kiln", "torch", "tf", "jax"]
+VENVS = os.path.join(HERE, ".venvs")
+QUICK = dict(peers=["kiln:eager", "torch:eager"], workloads=WORKLOADS, rounds=1)
+WORKER_TIMEOUT_S = 1800
 
 
-# -- inside a worker process ---------------------------------------------------------------------
+def _peer_module(peer):
+    import importlib
 
-def _lib(peer: str):
+    return importlib.import_module(f"peers.{peer}_peer")
+
+
+def interpreter(peer: str):
+    """The Python that runs a peer: its venv when there is one; Kiln and numpy run here; torch
+    falls back to this interpreter when it has torch (the test oracle) and no venv exists."""
+    venv = os.path.join(VENVS, peer, "bin", "python")
+    if peer in ("kiln", "numpy"):
+        return sys.executable
+    if os.path.exists(venv):
+        return venv
     if peer == "torch":
-        import torch
+        import importlib.util
 
-        torch.set_num_threads(THREADS)
-        torch.set_num_interop_threads(THREADS)
-        return torch
-    if peer == "kiln":
-        import kiln
-
-        return kiln
-    raise ValueError(f"unknown peer {peer!r}")
+        if importlib.util.find_spec("torch") is not None:
+            return sys.executable
+    return None
 
 
-def _sync(x):
-    return x
+def default_pairs():
+    """Every available (peer, mode): the training pairs and the matmul-probe pairs."""
+    train = [(p, m) for p in PEERS for m in _modes(p)]
+    probe = [(p, m) for p in MATMUL_PEERS for m in _peer_module(p).MATMUL_MODES]
+    return train, probe
 
 
-def _time_calls(fn, sync):
-    """Warm-up, calibration and 5 timed blocks; returns (first_s, compile_s, per_call, samples)."""
-    warm = []
-    start = time.perf_counter()
-    while len(warm) < 10 or time.perf_counter() - start < 1.0:
-        t = time.perf_counter()
-        sync(fn())
-        warm.append(time.perf_counter() - t)
-    steady = statistics.median(warm[-5:])
-    compile_s = sum(max(0.0, w - steady) for w in warm[:10])
-    n = max(3, math.ceil(0.25 / max(steady, 1e-9)))
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            out = fn()
-        sync(out)
-        samples.append((time.perf_counter() - t) / n)
-    return warm[0], compile_s, statistics.median(samples), samples, n
+def _modes(peer):
+    mod = _peer_module(peer)
+    # kiln's mode list depends on the installed kiln (compile appears when kiln.compile does);
+    # the other peers' lists are static, so no framework is imported here.
+    return mod.modes() if peer == "kiln" else list(mod.MODES)
 
 
-def _peak_rss_mb() -> float:
-    import resource
+# -- running workers ----------------------------------------------------------------------------
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def worker(peer: str, mode: str, workload: str) -> list:
-    sys.path.insert(0, HERE)
-    import workloads as W
-
-    lib = _lib(peer)
-    if mode != "eager":
-        raise ValueError(f"mode {mode!r} is not available for {peer}")
-    version = getattr(lib, "__version__", "?")
-    rows = []
-    base = {"peer": peer, "mode": mode, "workload": workload, "version": version,
-            "threads": THREADS}
-    step, _ = W.build(lib, workload)
-    losses = [float(step().item()) for _ in range(10)]
-    rows.append({**base, "metric": "loss_step1", "value": losses[0], "unit": "nats"})
-    rows.append({**base, "metric": "loss_step10", "value": losses[9], "unit": "nats"})
-    step, _ = W.build(lib, workload)  # fresh state for timing
-    first, comp, per, samples, n = _time_calls(step, _sync)
-    rows.append({**base, "metric": "steps_per_s", "value": 1 / per, "unit": "steps/s",
-                 "samples": [1 / s for s in samples], "n_per_block": n})
-    rows.append({**base, "metric": "gflops", "value": W.FLOPS[workload] / per / 1e9,
-                 "unit": "GFLOP/s"})
-    rows.append({**base, "metric": "first_step_s", "value": first, "unit": "s"})
-    rows.append({**base, "metric": "compile_s", "value": comp, "unit": "s"})
-    if workload == "gpt":
-        rows.append({**base, "metric": "tokens_per_s", "value": 1024 / per, "unit": "tokens/s"})
-    else:
-        ctx = lib.no_grad() if peer != "torch" else lib.inference_mode()
-        for batch in ([1, 256] if workload == "mlp" else [1]):
-            call = W.build_inference(lib, workload, batch)
-            with ctx:
-                _, _, per_i, samples_i, n_i = _time_calls(call, _sync)
-            rows.append({**base, "metric": f"infer_b{batch}_ms", "value": per_i * 1e3,
-                         "unit": "ms", "samples": [s * 1e3 for s in samples_i],
-                         "n_per_block": n_i})
-    rows.append({**base, "metric": "peak_rss_mb", "value": _peak_rss_mb(), "unit": "MB"})
-    return rows
+def run_worker(peer, mode, workload, timeout=WORKER_TIMEOUT_S) -> list:
+    python = interpreter(peer)
+    base = {"peer": peer, "mode": mode, "workload": workload}
+    if python is None:
+        return [{**base, "metric": "error", "value": None, "unit": "",
+                 "error": f"no interpreter for {peer}: run `bash bench/setup_peers.sh {peer}`"}]
+    fd, out = tempfile.mkstemp(prefix="kiln-bench-", suffix=".json")
+    os.close(fd)
+    cmd = [python, os.path.abspath(__file__), "--worker", f"{peer}:{mode}:{workload}",
+           "--out", out]
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+        with open(out) as f:
+            text = f.read()
+        if cp.returncode == 0 and text:
+            return json.loads(text)
+        tail = (cp.stderr.strip().splitlines() or ["no output"])[-1]
+        return [{**base, "metric": "error", "value": None, "unit": "",
+                 "error": f"worker exited {cp.returncode}: {tail}",
+                 "stderr": cp.stderr[-3000:]}]
+    except subprocess.TimeoutExpired:
+        return [{**base, "metric": "error", "value": None, "unit": "",
+                 "error": f"worker timed out after {timeout} s"}]
+    finally:
+        os.unlink(out)
 
 
-# -- the driver ---------------------------------------------------------------------------------
-
-def _run_worker(peer, mode, workload, python) -> list:
-    cmd = [python, os.path.abspath(__file__), "--worker", f"{peer}:{mode}:{workload}"]
-    cp = subprocess.run(cmd, capture_output=True, text=True)
-    if cp.returncode != 0:
-        err = (cp.stderr.strip().splitlines() or ["no output"])[-1]
-        return [{"peer": peer, "mode": mode, "workload": workload, "metric": "error",
-                 "value": None, "unit": "", "error": err}]
-    return json.loads(cp.stdout.strip().splitlines()[-1])
-
-
-def environment() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("OPENBLAS", "OMP_", "MKL_", "KILN_", "XLA_", "TF_"))}
-    return {"machine": platform.machine(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "env": env}
+def schedule(train_pairs, probe_pairs, workloads, rounds):
+    """The job list: per round, every workload with its pairs in an order rotated by the round
+    (so no pair is always first or last), then the matmul probe, likewise rotated."""
+    jobs = []
+    for rnd in range(rounds):
+        for wl in workloads:
+            k = rnd % len(train_pairs) if train_pairs else 0
+            jobs += [(rnd, p, m, wl) for p, m in train_pairs[k:] + train_pairs[:k]]
+        if probe_pairs:
+            k = rnd % len(probe_pairs)
+            jobs += [(rnd, p, m, "matmul") for p, m in probe_pairs[k:] + probe_pairs[:k]]
+    return jobs
 
 
-def summarize(rows: list) -> str:
-    """Markdown table: per workload and peer, median over rounds, ratio vs PyTorch eager."""
-    by = {}
-    for r in rows:
-        if r["metric"] == "error":
-            by.setdefault((r["workload"], f"{r['peer']}:{r['mode']}"), {})["error"] = r["error"]
+# -- the environment as found --------------------------------------------------------------------
+
+_ENV_PREFIXES = ("OMP_", "OPENBLAS_", "GOTO", "MKL_", "BLIS_", "KMP_", "VECLIB_", "NUMEXPR_",
+                 "XLA_", "JAX_", "TORCH", "KILN_", "TF_NUM", "TF_ENABLE", "TF_XLA", "NPROC")
+
+
+def thread_env(environ=None) -> dict:
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if k.startswith(_ENV_PREFIXES) or "THREAD" in k.upper()}
+
+
+def machine() -> dict:
+    cpu, mem = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+        with open("/proc/meminfo") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal"))
+            mem = round(kb / 1024 ** 2, 1)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def _runner_row(metric, run_id, **fields):
+    return {"peer": "runner", "mode": "-", "workload": "-", "metric": metric, "value": None,
+            "unit": "", "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **fields}
+
+
+def plot(jsonl_path, png_path):
+    """Draw the PNG with the torch venv's matplotlib (or this interpreter's); returns the
+    path, or None with a message when no matplotlib is available."""
+    script = os.path.join(HERE, "plot.py")
+    for python in (os.path.join(VENVS, "torch", "bin", "python"), sys.executable):
+        if not os.path.exists(python):
             continue
-        by.setdefault((r["workload"], f"{r['peer']}:{r['mode']}"), {}).setdefault(
-            r["metric"], {})[r.get("round", 0)] = r["value"]
-    lines = ["| workload | peer:mode | steps/s | vs torch:eager | GFLOP/s | loss@1 | loss@10 "
-             "| first step s | infer b1 ms | peak MB |", "|" + "---|" * 10]
-    for (wl, peer), m in sorted(by.items()):
-        if "error" in m:
-            lines.append(f"| {wl} | {peer} | error: {m['error'][:80]} |" + " |" * 7)
-            continue
-        ref = by.get((wl, "torch:eager"), {}).get("steps_per_s", {})
-        sps = m.get("steps_per_s", {})
-        ratios = [sps[k] / ref[k] for k in sps if k in ref]
-
-        def med(name, fmt="{:.3g}"):
-            vals = list(m.get(name, {}).values())
-            return fmt.format(statistics.median(vals)) if vals else "-"
-
-        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
-        lines.append(f"| {wl} | {peer} | {med('steps_per_s', '{:.1f}')} | {ratio} | "
-                     f"{med('gflops', '{:.2f}')} | {med('loss_step1', '{:.5f}')} | "
-                     f"{med('loss_step10', '{:.5f}')} | {med('first_step_s', '{:.3f}')} | "
-                     f"{med('infer_b1_ms', '{:.3f}')} | {med('peak_rss_mb', '{:.0f}')} |")
-    return "\n".join(lines)
+        cp = subprocess.run([python, script, jsonl_path, png_path], capture_output=True,
+                            text=True)
+        if cp.returncode == 0:
+            return png_path
+        err = (cp.stderr.strip().splitlines() or ["?"])[-1]
+    print(f"no plot: {err if 'err' in locals() else 'no interpreter with matplotlib'}",
+          file=sys.stderr)
+    return None
 
 
-def check_losses(rows: list, rtol: float = 1e-3) -> list:
-    """Peers must agree on loss_step1 and loss_step10 (same init and data): list mismatches."""
-    problems = []
-    for wl in {r["workload"] for r in rows}:
-        for metric in ("loss_step1", "loss_step10"):
-            vals = {f"{r['peer']}:{r['mode']}": r["value"] for r in rows
-                    if r["workload"] == wl and r["metric"] == metric}
-            if len(vals) > 1:
-                lo, hi = min(vals.values()), max(vals.values())
-                if hi - lo > rtol * abs(hi):
-                    problems.append(f"{wl} {metric} disagrees across peers: {vals}")
-    return problems
-
-
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Kiln benchmark runner")
-    ap.add_argument("--quick", action="store_true", help="Kiln and PyTorch eager only")
-    ap.add_argument("--peers", nargs="*", default=["kiln:eager", "torch:eager"])
-    ap.add_argument("--workloads", nargs="*", default=WORKLOADS)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="Kiln eager and PyTorch eager on mlp, cnn, gpt; 1 round; no probe")
+    ap.add_argument("--peers", nargs="*", help="peer:mode pairs (default: every available)")
+    ap.add_argument("--workloads", nargs="*", help=f"subset of {WORKLOADS}")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--no-matmul", action="store_true", help="skip the matmul probe")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--report", metavar="JSONL", help="re-render the report of a results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:  # inside a fresh process, possibly another interpreter
+        import protocol
+
         peer, mode, wl = args.worker.split(":")
-        print(json.dumps(worker(peer, mode, wl)))
+        rows = protocol.worker(peer, mode, wl)
+        text = json.dumps(rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
         return
+    if args.report:
+        print(report.render(report.load_jsonl(args.report)))
+        return
+
+    train, probe = default_pairs()
+    if args.quick:
+        train = [tuple(p.split(":")) for p in QUICK["peers"]]
+        probe = []
+    if args.peers:
+        wanted = [tuple(p.split(":")) for p in args.peers]
+        train = [p for p in wanted if p[0] in PEERS]
+        probe = [p for p in wanted if p in default_pairs()[1]]
+    if args.no_matmul:
+        probe = []
+    workloads = args.workloads or WORKLOADS
+    rounds = args.rounds or (QUICK["rounds"] if args.quick else 3)
+
     run_id = uuid.uuid4().hex[:8]
+    date = time.strftime("%Y-%m-%d")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    out_path = os.path.join(HERE, "results", f"{time.strftime('%Y-%m-%d')}-{run_id}.jsonl")
-    pairs = [tuple(p.split(":")) for p in args.peers]
-    rows = []
-    for rnd in range(args.rounds):
-        order = pairs[rnd % len(pairs):] + pairs[:rnd % len(pairs)]
-        for wl in args.workloads:
-            for peer, mode in order:
-                got = _run_worker(peer, mode, wl, sys.executable)
-                for r in got:
-                    r.update(round=rnd, run_id=run_id, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                rows.extend(got)
-                with open(out_path, "a") as f:
-                    for r in got:
-                        f.write(json.dumps(r) + "\n")
-                print(f"round {rnd} {wl} {peer}:{mode} done", file=sys.stderr)
-    env = environment()
-    print(f"# Kiln benchmark {time.strftime('%Y-%m-%d')} run {run_id}")
-    print(f"machine: {env['processor'] or env['machine']}, {env['cpus']} cpus, "
-          f"python {env['python']}, threads {THREADS}, environment as found: "
-          f"{env['env'] or 'no thread/BLAS variables set'}\n")
-    print(summarize(rows))
-    for p in check_losses(rows):
-        print(f"\nWARNING: {p}")
-    print(f"\nraw results: {os.path.relpath(out_path)}")
+    stem = os.path.join(HERE, "results", f"{date}-{run_id}")
+    jsonl = stem + ".jsonl"
+    t0 = time.time()
+    env_row = _runner_row("environment", run_id, date=date, rounds=rounds, machine=machine(),
+                          env=thread_env(), load=list(os.getloadavg()), commit=_commit(),
+                          interpreters={p: interpreter(p) for p in set(PEERS + MATMUL_PEERS)},
+                          pairs=[":".join(p) for p in train],
+                          probe=[":".join(p) for p in probe], workloads=workloads)
+    rows = [env_row]
+    with open(jsonl, "w") as f:
+        f.write(report.dump_row(env_row) + "\n")
+    jobs = schedule(train, probe, workloads, rounds)
+    for i, (rnd, peer, mode, wl) in enumerate(jobs, 1):
+        t = time.time()
+        got = run_worker(peer, mode, wl)
+        for r in got:
+            r.update(round=rnd, run_id=run_id, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        rows += got
+        with open(jsonl, "a") as f:
+            f.writelines(report.dump_row(r) + "\n" for r in got)
+        status = next((r["error"] for r in got if r["metric"] == "error"), "ok")
+        print(f"[{i}/{len(jobs)}] round {rnd} {wl} {peer}:{mode} {time.time() - t:.0f}s "
+              f"{status[:160]}", file=sys.stderr, flush=True)
+    end_row = _runner_row("finished", run_id, load=list(os.getloadavg()),
+                          wall_s=time.time() - t0)
+    rows.append(end_row)
+    with open(jsonl, "a") as f:
+        f.write(report.dump_row(end_row) + "\n")
+
+    text = report.render(rows)
+    png = None if args.no_plot else plot(jsonl, stem + ".png")
+    if png:
+        text += f"\n![steps/s per workload and framework]({os.path.basename(png)})\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"raw results: {os.path.relpath(jsonl)}\nreport: {os.path.relpath(stem + '.md')}"
+          + (f"\nplot: {os.path.relpath(png)}" if png else ""))
 
 
 if __name__ == "__main__":

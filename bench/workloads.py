@@ -136,56 +136,101 @@ def gpt_forward(lib, p, idx):
     return x @ p["lm_head.w"]
 
 
-# -- training steps ------------------------------------------------------------------------------
+# -- the same, uniformly -------------------------------------------------------------------------
 
-def build(lib, workload: str):
+INFERENCE = {"mlp": (1, 256), "cnn": (1,)}  # batch sizes of the inference cases
+
+
+def params(workload: str) -> dict:
+    """Initial parameters (numpy float32, spec layout: Linear W is (in, out), conv OIHW)."""
+    return {"mlp": mlp_params, "cnn": cnn_params, "gpt": gpt_params}[workload]()
+
+
+def train_data(workload: str):
+    """The fixed training batch ``(inputs, targets)``; integer arrays are int64."""
+    return {"mlp": mlp_data, "cnn": cnn_data, "gpt": gpt_data}[workload]()
+
+
+def infer_data(workload: str, batch: int):
+    """The inference input: seed 1000 + (0 for mlp, 1 for cnn) + batch, ``x`` only."""
+    if workload == "mlp":
+        return mlp_data(batch)[0]
+    if workload == "cnn":
+        return cnn_data(batch)[0]
+    raise ValueError(f"no inference case for {workload!r}")
+
+
+def to_nhwc(p: dict) -> dict:
+    """Spec parameters relabelled for NHWC frameworks (TensorFlow, JAX/XLA): conv kernels OIHW
+    -> HWIO, and the rows of ``fc1.w`` permuted from (c, h, w) to (h, w, c) flatten order, so
+    the math is unchanged.  Parameters of the other workloads pass through."""
+    p = dict(p)
+    if "conv1.w" in p:
+        p["conv1.w"] = p["conv1.w"].transpose(2, 3, 1, 0)
+        p["conv2.w"] = p["conv2.w"].transpose(2, 3, 1, 0)
+        p["fc1.w"] = p["fc1.w"].reshape(32, 7, 7, -1).transpose(1, 2, 0, 3).reshape(1568, -1)
+    return {k: np.ascontiguousarray(v) for k, v in p.items()}
+
+
+FORWARD = {"mlp": mlp_forward, "cnn": cnn_forward, "gpt": gpt_forward}
+
+
+# -- training steps (PyTorch API: lib=torch or lib=kiln) ----------------------------------------
+
+def build(lib, workload: str, compile=None):
     """Return ``(step, params)``: ``step()`` runs one training step and returns the loss tensor
-    (not copied to the host)."""
+    (not copied to the host).
+
+    With ``compile`` (e.g. ``torch.compile``), the forward+loss is compiled (the framework
+    derives the backward) and ``optimizer.step()`` is compiled separately; ``loss.backward()``
+    runs between them -- the pattern PyTorch's documentation recommends."""
     F = lib.nn.functional
-    if workload == "mlp":
-        raw, (x, y), fwd = mlp_params(), mlp_data(), mlp_forward
-    elif workload == "cnn":
-        raw, (x, y), fwd = cnn_params(), cnn_data(), cnn_forward
-    elif workload == "gpt":
-        raw, (x, y), fwd = gpt_params(), gpt_data(), gpt_forward
-    else:
-        raise ValueError(f"unknown workload {workload!r}")
-    p = {k: lib.tensor(v, requires_grad=True) for k, v in raw.items()}
+    fwd = FORWARD[workload]
+    x, y = train_data(workload)
+    p = {k: lib.tensor(v, requires_grad=True) for k, v in params(workload).items()}
     xt, yt = lib.tensor(x), lib.tensor(y, dtype=lib.int64)
-    params = list(p.values())
+    plist = list(p.values())
     if workload == "mlp":
-        opt = lib.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+        opt = lib.optim.Adam(plist, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     elif workload == "cnn":
-        opt = lib.optim.SGD(params, lr=0.01, momentum=0.9)
+        opt = lib.optim.SGD(plist, lr=0.01, momentum=0.9)
     else:
-        opt = lib.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        opt = lib.optim.AdamW(plist, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+    def loss_fn(xt, yt):
+        logits = fwd(lib, p, xt)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt.reshape(-1))
+
+    def opt_step():
+        opt.step()
+
+    if compile is not None:
+        loss_fn, opt_step = compile(loss_fn), compile(opt_step)
 
     def step():
         opt.zero_grad()
-        logits = fwd(lib, p, xt)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt.reshape(-1))
+        loss = loss_fn(xt, yt)
         loss.backward()
-        opt.step()
+        opt_step()
         return loss
 
     return step, p
 
 
-def build_inference(lib, workload: str, batch: int):
-    """Return ``call()`` running the forward pass on a pre-built input (``mlp`` or ``cnn``)."""
-    if workload == "mlp":
-        raw, fwd = mlp_params(), mlp_forward
-        x = np.random.default_rng(1001 if batch == 1 else 1256).standard_normal(
-            (batch, 784), dtype=np.float32)
-    elif workload == "cnn":
-        raw, fwd = cnn_params(), cnn_forward
-        x = np.random.default_rng(1002).standard_normal((batch, 1, 28, 28), dtype=np.float32)
-    else:
-        raise ValueError(f"no inference case for {workload!r}")
-    p = {k: lib.tensor(v) for k, v in raw.items()}
-    xt = lib.tensor(x)
+def build_inference(lib, workload: str, batch: int, compile=None):
+    """Return ``call()`` running the forward pass on a pre-built input (``mlp`` or ``cnn``);
+    with ``compile``, one compiled forward for this batch size."""
+    fwd = FORWARD[workload]
+    p = {k: lib.tensor(v) for k, v in params(workload).items()}
+    xt = lib.tensor(infer_data(workload, batch))
+
+    def forward(xt):
+        return fwd(lib, p, xt)
+
+    if compile is not None:
+        forward = compile(forward)
 
     def call():
-        return fwd(lib, p, xt)
+        return forward(xt)
 
     return call

@@ -1,6 +1,6 @@
 """Train a character-level GPT (in the shape of nanoGPT) on the King James Bible and sample from it.
 
-    python examples/char_gpt.py [--steps 2000] [--n-layer 4] [--n-embd 128] [--block-size 64]
+    python examples/char_gpt.py [--steps 1000] [--n-layer 4] [--n-embd 128] [--block-size 64]
 
 The corpus comes from Debian's sword-text-kjv package (``apt-get install sword-text-kjv``).
 The validation loss is compared with the unigram baseline: the entropy of the character
@@ -194,10 +194,10 @@ def unigram_entropy(data: kiln.Tensor, vocab_size: int) -> float:
     return -(p * p.log()).sum().item()
 
 
-def train(steps: int = 2000, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
+def train(steps: int = 1000, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
           block_size: int = 64, batch_size: int = 32, lr: float = 1e-3, min_lr: float = 1e-4,
           warmup: int = 100, weight_decay: float = 0.1, dropout: float = 0.0,
-          eval_interval: int = 250, eval_iters: int = 20, sample_chars: int = 300,
+          eval_interval: int = 100, eval_iters: int = 20, sample_chars: int = 300,
           temperature: float = 0.8, seed: int = 0, verbose: bool = True) -> dict:
     """Train the model; return the final train and val losses, the unigram baseline and the
     sample."""
@@ -265,7 +265,7 @@ def train(steps: int = 2000, n_layer: int = 4, n_head: int = 4, n_embd: int = 12
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--eval-interval", type=int, default=250)
+    ap.add_argument("--eval-interval", type=int, default=100)
     ap.add_argument("--eval-iters", type=int, default=20)
     ap.add_argument("--sample-chars", type=int, default=300)
     ap.add_argument("--temperature", type=float, default=0.8)

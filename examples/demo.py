@@ -19,13 +19,16 @@ from kiln.utils.data import DataLoader, TensorDataset
 
 def make_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
     )
 
 
 def progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> None:
+    """Redraw the epoch's progress bar in place; in a log (not a terminal), only its last state."""
+    if done < total and not sys.stdout.isatty():
+        return
     width = 30
     filled = int(width * done / total)
     bar = "#" * filled + "." * (width - filled)

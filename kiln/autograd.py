@@ -37,7 +37,9 @@ class Node:
         self.seq = next(_sequence)
         self.edges = tuple([x._node if x._node is not None else (x if x._rg else None)
                             for x in inputs])
-        self.versions = tuple([inputs[k]._version[0] for k in prim.save]) if prim.save else ()
+        # optional trailing inputs (a missing bias) may be absent from ``inputs``
+        self.versions = tuple([inputs[k]._version[0] for k in prim.save if k < len(inputs)]
+                              ) if prim.save else ()
         self._out = None  # weak reference to the output tensor (a strong one would be a cycle)
         self.out_data = None  # the output's array, for when that tensor object is gone
         self.out_version = 0
@@ -247,7 +249,7 @@ def _sum_grads(acc: Tensor, g: Tensor, owned: dict, create_graph: bool) -> Tenso
     if id(a) in owned:
         np.add(a, g._data, out=a)
         return acc
-    out = _make(np.add(a, g._data))
+    out = _make(np.asarray(np.add(a, g._data)))  # asarray: 0-d adds give numpy scalars
     owned[id(out._data)] = out._data
     return out
 

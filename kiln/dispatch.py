@@ -73,12 +73,22 @@ def apply_inplace(prim, target: Tensor, others: tuple, attrs: dict) -> Tensor:
     if recording:
         check_inplace_allowed(target)
         src = target
-        if 0 in prim.save and target._rg:  # the VJP needs target's old value: keep a copy
+        if 0 in prim.save:  # the VJP reads target's old value, which is about to be overwritten
             from kiln.ops.elementwise import clone
 
             src = clone(target)
         result = apply(prim, (src, *others), attrs)
     else:
+        fast = prim.inplace_impl
+        if fast is not None and target._data.flags.writeable and all(
+                o._data.dtype == target._data.dtype for o in others):
+            try:  # write straight into target's storage: no temporary, no copy
+                fast(target._data, *[o._data for o in others], **attrs)
+            except ValueError:
+                pass  # e.g. the result would not fit target's shape: the general path explains
+            else:
+                target._version[0] += 1
+                return target
         prev, STATE.grad_enabled = STATE.grad_enabled, False
         try:
             result = apply(prim, (target, *others), attrs)

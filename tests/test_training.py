@@ -68,7 +68,7 @@ def test_cnn_digits_reaches_98_percent():
 
 # == character-level GPT =========================================================================
 
-GPT_MARGIN = 0.5  # nats per character below the unigram baseline
+GPT_MARGIN = 0.7  # nats per character below the unigram baseline (seeds 0-2 reach 0.85-0.88)
 
 
 @needs_corpus
@@ -110,6 +110,14 @@ def test_char_gpt_generate_and_weight_tying():
 # Same architecture (written once against the PyTorch API, run with lib=torch and lib=kiln),
 # same initial weights (torch's init copied into Kiln through state_dict), same batches in the
 # same order, float32: the losses must agree to 1e-4 relative at every one of 50 steps.
+#
+# The models are smooth (GELU, Tanh, SiLU, average pooling): a kink turns rounding noise into a
+# discrete event.  Measured with ReLU + MaxPool2d + Adam on digits: at step 5 one of 8,192
+# pre-activations was 7.5e-9 in PyTorch and exactly 0.0 in Kiln (both right to float32), so one
+# unit's gradient was on in one framework and off in the other; the conv gradients then differed
+# by 5e-4 relative, Adam carried it on, and by step 47 the losses differed by 2.4e-2.  With the
+# same weights the two frameworks' gradients agree to 3e-9, and ReLU/max-pool at their kinks are
+# checked exactly, op by op, under tests/ops.
 
 PARITY_STEPS = 50
 PARITY_RTOL = 1e-4
@@ -117,16 +125,16 @@ PARITY_RTOL = 1e-4
 
 def mlp_model(lib):
     nn = lib.nn
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.Tanh(),
+    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32), nn.Tanh(),
                          nn.Linear(32, 10))
 
 
 def cnn_model(lib):
     nn = lib.nn
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
     )
 
 

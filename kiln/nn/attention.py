@@ -134,7 +134,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
 # -- nn.MultiheadAttention -----------------------------------------------------------------------
 
-import kiln.nn.init as init  # noqa: E402
+from kiln.nn import init  # noqa: E402
 from kiln.nn.modules.linear import Linear  # noqa: E402
 from kiln.nn.modules.module import Module  # noqa: E402
 from kiln.nn.parameter import Parameter  # noqa: E402

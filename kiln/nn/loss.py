@@ -7,14 +7,23 @@ import warnings
 import numpy as np
 
 from kiln import dtypes
+from kiln.nn.normalization import _ones
 from kiln.ops.elementwise import _tname, broadcast_shape, logsigmoid, where
 from kiln.ops.index import one_hot
 from kiln.ops.reduce import log_softmax, softmax
 from kiln.ops.registry import primitive
-from kiln.tensor import Tensor, _make
+from kiln.tensor import Tensor
 
-__all__ = ["cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
-           "binary_cross_entropy", "binary_cross_entropy_with_logits"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "huber_loss",
+    "l1_loss",
+    "mse_loss",
+    "nll_loss",
+    "smooth_l1_loss",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _CLASS_TARGETS = (np.dtype(np.int64), np.dtype(np.uint8))
@@ -189,19 +198,43 @@ def _reduced(loss: np.ndarray, valid, reduction: str, denom=None) -> np.ndarray:
         return np.asarray(s / denom, dtype=loss.dtype)
 
 
+# A row whose sum of exp(x - global max) is above this kept its largest terms in the normal
+# range (float32: the row max within ~70 of the global max), so the global max is a safe shift.
+_SAFE_SUM = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-280}
+
+
+def _exp_rows(x: np.ndarray):
+    """``exp(x - m)`` for (N, C) logits, its row sums and the shift ``m``: the global max (one
+    fast reduction) when every row stays well within the exponent range, else each row's max
+    (numpy's max over short rows is several times slower than over the whole array)."""
+    ones = _ones(x.shape[1], x.dtype)
+    safe = _SAFE_SUM.get(x.dtype)
+    if safe is not None:
+        m = np.maximum.reduce(x, axis=None)
+        if np.isfinite(m):
+            e = np.subtract(x, m)
+            np.exp(e, out=e)
+            s = e @ ones
+            if s.min() > safe:
+                return e, s, m
+    m = np.amax(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # rows of -inf: nan, as PyTorch
+        e = np.subtract(x, m)
+    np.exp(e, out=e)
+    return e, e @ ones, m
+
+
 @primitive("cross_entropy", traits={"reduce"}, save=(0, 1))
 def _cross_entropy(x, t, reduction, ignore_index):
     """Softmax cross-entropy of (N, C) logits against (N,) class indices (ONNX
-    SoftmaxCrossEntropyLoss): ``logsumexp(x_i) - x_i[t_i]`` per row, in one pass over x."""
+    SoftmaxCrossEntropyLoss): ``logsumexp(x_i) - x_i[t_i]`` per row."""
     t, valid = _safe_targets(t, ignore_index)
     n = x.shape[0]
-    if not n:
-        return _reduced(np.zeros(0, x.dtype), valid, reduction)
-    m = np.amax(x, axis=1, keepdims=True)
-    e = np.subtract(x, m)
-    np.exp(e, out=e)
-    loss = np.log(np.add.reduce(e, axis=1))
-    loss += m[:, 0]
+    if not n or not x.shape[1]:
+        return _reduced(np.zeros(n, x.dtype), valid, reduction)
+    _, s, m = _exp_rows(x)
+    loss = np.log(s)
+    loss += m if np.ndim(m) == 0 else m[:, 0]
     loss -= x[np.arange(n), t]
     if valid is not None:
         loss *= valid
@@ -228,21 +261,21 @@ def _cross_entropy_backward(x, t, g, reduction, ignore_index):
     """``(softmax(x) - onehot(t)) * g`` per row (divided by the valid count for 'mean')."""
     t, valid = _safe_targets(t, ignore_index)
     n = x.shape[0]
-    p = np.subtract(x, np.amax(x, axis=1, keepdims=True)) if n else np.zeros_like(x)
-    np.exp(p, out=p)
-    p /= np.add.reduce(p, axis=1, keepdims=True)
-    p[np.arange(n), t] -= 1
+    if not n or not x.shape[1]:
+        return np.zeros_like(x)
     if reduction == "none":
         scale = g if valid is None else g * valid
-        p *= scale[:, None]
     else:
         if reduction == "mean":
             count = n if valid is None else np.count_nonzero(valid)
             with np.errstate(invalid="ignore", divide="ignore"):
-                g = np.asarray(g / count, dtype=x.dtype)
-        p *= g
-        if valid is not None:
-            p *= valid[:, None]
+                g = g / count
+        scale = np.full(n, g, x.dtype) if valid is None else g * valid
+    scale = np.asarray(scale, x.dtype)
+    p, s, _ = _exp_rows(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p *= (scale / s)[:, None]
+    p[np.arange(n), t] -= scale
     return p
 
 
@@ -275,7 +308,7 @@ def _cross_entropy_backward_vjp(h, node):
     return gx, None, gg
 
 
-@primitive("nll_loss", traits={"reduce"}, save=(1,))
+@primitive("nll_loss", traits={"reduce"}, save=(1, 2))
 def _nll_loss(x, t, *weight, reduction, ignore_index):
     """``-x_i[t_i]`` (times ``weight[t_i]``) per row of (N, C) log-probabilities (ONNX
     NegativeLogLikelihoodLoss); 'mean' divides by the summed weights of the valid rows."""
@@ -330,7 +363,7 @@ def _nll_loss_backward_infer(shapes, dts, reduction, ignore_index, n_classes):
 
 @_nll_loss_backward.def_vjp
 def _nll_loss_backward_vjp(h, node):
-    g, t, *w = node.inputs
+    _, t, *w = node.inputs
     a = node.attrs
     gg = None
     if node.needs[0]:
@@ -593,8 +626,16 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 
 from kiln.nn.modules.module import Module  # noqa: E402
 
-__all__ += ["CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss",
-            "BCELoss", "BCEWithLogitsLoss"]
+__all__ += [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "HuberLoss",
+    "L1Loss",
+    "MSELoss",
+    "NLLLoss",
+    "SmoothL1Loss",
+]
 
 
 class _Loss(Module):

@@ -11,7 +11,7 @@ from kiln.ops.elementwise import _tname
 from kiln.ops.registry import primitive
 from kiln.tensor import Tensor
 
-__all__ = ["batch_norm", "layer_norm", "group_norm"]
+__all__ = ["batch_norm", "group_norm", "layer_norm"]
 
 
 def _check_dtypes(kernel: str, input: Tensor, *others) -> None:
@@ -38,6 +38,8 @@ def _ones(n: int, dt) -> np.ndarray:
     key = (n, dt)
     v = _ONES.get(key)
     if v is None:
+        if len(_ONES) > 256:
+            _ONES.clear()
         v = _ONES[key] = np.ones(n, dt)
     return v
 
@@ -58,11 +60,12 @@ def _ln_stats(x2: np.ndarray, eps: float):
 
 
 def _rows2(x: np.ndarray, k: int) -> np.ndarray:
-    d = int(np.prod(x.shape[x.ndim - k:]))
-    return x.reshape(-1, d)
+    """``x`` as (rows, normalized elements); explicit sizes, as either may be 0."""
+    lead = x.shape[:x.ndim - k]
+    return x.reshape(int(np.prod(lead)), int(np.prod(x.shape[x.ndim - k:])))
 
 
-@primitive("layer_norm", save=(0,))
+@primitive("layer_norm", save=(0, 1))
 def _layer_norm(x, *params, k, eps, has_weight, has_bias):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last ``k`` dims."""
     xc, rstd = _ln_stats(_rows2(x, k), eps)
@@ -333,11 +336,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return out
 # -- Module classes ------------------------------------------------------------------------------
 
-import kiln.nn.init as init  # noqa: E402
+from kiln.nn import init  # noqa: E402
 from kiln.nn.modules.module import Module  # noqa: E402
 from kiln.nn.parameter import Parameter  # noqa: E402
 
-__all__ += ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm"]
+__all__ += ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm"]
 
 
 class _BatchNorm(Module):
@@ -465,10 +468,11 @@ class GroupNorm(Module):
     """Group normalization: ``num_channels`` split into ``num_groups`` groups."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None):
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True):
         super().__init__()
         if num_channels % num_groups:
-            raise ValueError("num_channels must be divisible by num_groups")
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
+                             f"({num_groups})")
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps
@@ -476,7 +480,10 @@ class GroupNorm(Module):
         dt = dtype or kiln.get_default_dtype()
         if affine:
             self.weight = Parameter(kiln.ones(num_channels, dtype=dt))
-            self.bias = Parameter(kiln.zeros(num_channels, dtype=dt))
+            if bias:
+                self.bias = Parameter(kiln.zeros(num_channels, dtype=dt))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -490,4 +497,5 @@ class GroupNorm(Module):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")

@@ -13,14 +13,14 @@ import numbers
 import warnings
 
 import kiln
-import kiln.nn.init as init
+from kiln.nn import init
 from kiln.nn.modules.module import Module
 from kiln.nn.parameter import Parameter
 from kiln.ops.elementwise import relu, sigmoid, tanh
 from kiln.ops.linalg import linear
 from kiln.tensor import Tensor
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNCell"]
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 

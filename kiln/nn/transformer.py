@@ -15,7 +15,7 @@ from kiln.nn.normalization import LayerNorm
 from kiln.ops.elementwise import gelu, relu
 from kiln.tensor import Tensor
 
-__all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
+__all__ = ["TransformerEncoder", "TransformerEncoderLayer"]
 
 
 def _activation(activation):

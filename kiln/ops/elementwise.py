@@ -28,7 +28,7 @@ __all__ = [
     "bitwise_xor", "ceil", "clamp", "clamp_max", "clamp_min", "clip", "clone", "cos", "div",
     "divide", "elu", "eq", "equal", "erf", "exp", "expm1", "floor", "floor_divide", "fmod", "ge",
     "gelu", "greater", "greater_equal", "gt", "hardtanh", "isclose", "isfinite", "isinf", "isnan",
-    "le", "leaky_relu", "lerp", "less", "less_equal", "log", "log1p", "log2", "logical_and",
+    "le", "leaky_relu", "lerp", "addcmul", "addcdiv", "less", "less_equal", "log", "log1p", "log2", "logical_and",
     "logical_not", "logical_or", "logical_xor", "logsigmoid", "lt", "masked_fill", "maximum",
     "minimum", "mul", "multiply", "ne", "neg", "negative", "not_equal", "positive", "pow",
     "reciprocal", "relu", "relu6", "relu_", "remainder", "round", "rsqrt", "sgn", "sigmoid",
@@ -296,6 +296,13 @@ def _copy_vjp(g, node):
 
 # -- arithmetic ----------------------------------------------------------------------------------
 
+def _ufunc_inplace(ufunc):
+    def write(a, b):
+        ufunc(a, b, out=a)
+
+    return write
+
+
 @_elementwise("add")
 def _add(a, b):
     return np.add(a, b)
@@ -505,6 +512,10 @@ def _scaled(other, alpha):
     return other * alpha if isinstance(other, _NUMBER) else mul(other, alpha)
 
 
+for _prim, _ufunc in ((_add, np.add), (_sub, np.subtract), (_mul, np.multiply),
+                      (_div, np.true_divide)):
+    _prim.inplace_impl = _ufunc_inplace(_ufunc)
+
 def add(input, other, *, alpha=1) -> Tensor:
     """``input + alpha * other`` with broadcasting and type promotion.
 
@@ -523,12 +534,25 @@ def sub(input, other, *, alpha=1) -> Tensor:
     if alpha != 1:
         other = _scaled(other, alpha)
     a, b = binary_operands(input, other, "sub")
-    if a._data.dtype == np.bool_:
+    if a._data.dtype == np.bool_ or _is_bool(input) or _is_bool(other):
+        _bool_sub_error(a)
+    return _sub(a, b)
+
+
+def _is_bool(x) -> bool:
+    return type(x) is bool or (isinstance(x, Tensor) and x._data.dtype == np.bool_)
+
+
+def _bool_sub_error(promoted: Tensor):
+    if promoted._data.dtype == np.bool_:
         raise RuntimeError(
             "Subtraction, the `-` operator, with two bool tensors is not supported. Use the `^` "
             "or `logical_xor()` operator instead."
         )
-    return _sub(a, b)
+    raise RuntimeError(
+        "Subtraction, the `-` operator, with a bool tensor is not supported. If you are trying "
+        "to invert a mask, use the `~` or `logical_not()` operator instead."
+    )
 
 
 def mul(input, other) -> Tensor:
@@ -547,12 +571,15 @@ def div(input, other, *, rounding_mode=None) -> Tensor:
     a, b = binary_operands(input, other, "div")
     if rounding_mode is None:
         if a._data.dtype.kind != "f":
-            a, b = float_operand(a), float_operand(b)
+            # integers divide as the default float, converted from their own values (not
+            # through the common integer type, where -3 would wrap around in a uint8)
+            dt = dtypes.get_default_dtype()
+            a, b = as_operand(input, dt, "div"), as_operand(other, dt, "div")
         return _div(a, b)
     if rounding_mode == "floor":
-        return _floor_divide(a, b)
+        return _floor_divide(_not_bool(a, "div_floor"), b)
     if rounding_mode == "trunc":
-        return _trunc_divide(a, b)
+        return _trunc_divide(_not_bool(a, "div_trunc"), b)
     raise RuntimeError(
         "div expected rounding_mode to be one of None, 'trunc', or 'floor' but found "
         f"'{rounding_mode}'"
@@ -562,7 +589,14 @@ def div(input, other, *, rounding_mode=None) -> Tensor:
 def floor_divide(input, other) -> Tensor:
     """``input // other``: division rounded toward negative infinity."""
     a, b = binary_operands(input, other, "floor_divide")
-    return _floor_divide(a, b)
+    return _floor_divide(_not_bool(a, "div_floor"), b)
+
+
+def _not_bool(a: Tensor, kernel: str) -> Tensor:
+    """``a``, unless it is a bool tensor, which PyTorch's ``kernel`` does not implement."""
+    if a._data.dtype == np.bool_:
+        raise NotImplementedError(f"\"{kernel}_cpu\" not implemented for 'Bool'")
+    return a
 
 
 def remainder(input, other) -> Tensor:
@@ -573,13 +607,13 @@ def remainder(input, other) -> Tensor:
     tensor([1, 1])
     """
     a, b = binary_operands(input, other, "remainder")
-    return _remainder(a, b)
+    return _remainder(_not_bool(a, "remainder"), b)
 
 
 def fmod(input, other) -> Tensor:
     """C's remainder: the result has the dividend's sign."""
     a, b = binary_operands(_tensor(input, "fmod"), other, "fmod")
-    return _fmod(a, b)
+    return _fmod(_not_bool(a, "fmod"), b)
 
 
 def pow(input, exponent) -> Tensor:
@@ -593,6 +627,8 @@ def pow(input, exponent) -> Tensor:
             and isinstance(exponent, numbers.Integral) and exponent < 0):
         raise RuntimeError("Integers to negative integer powers are not allowed.")
     a, b = binary_operands(input, exponent, "pow")
+    if a._data.dtype == np.bool_:
+        raise NotImplementedError("\"pow\" not implemented for 'Bool'")
     return _pow(a, b)
 
 
@@ -1306,7 +1342,7 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
     """``x`` where ``x > 0``, else ``negative_slope * x`` (the slope applies at 0 too)."""
     x = _float_only(input, "leaky_relu")
     if inplace:
-        return _apply_inplace(_leaky_relu, x, (), {"negative_slope": negative_slope})
+        return apply_inplace(_leaky_relu, x, (), {"negative_slope": negative_slope})
     return _leaky_relu(x, negative_slope=negative_slope)
 
 
@@ -1334,14 +1370,22 @@ def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``."""
     x = _float_only(input, "elu")
     if inplace:
-        return _apply_inplace(_elu, x, (), {"alpha": alpha})
+        return apply_inplace(_elu, x, (), {"alpha": alpha})
     return _elu(x, alpha=alpha)
 
 
 @_unary("hardtanh", save=(0,))
 def _hardtanh(x, min_val, max_val):
     t = x.dtype.type
-    return np.clip(x, t(min_val), t(max_val))
+    return _clip(x, t(min_val), t(max_val))
+
+
+def _clip(x, lo, hi):
+    """min(max(x, lo), hi), NaN propagating: np.clip is one pass over large arrays, but its
+    call costs several microseconds, more than the two ufuncs on small ones."""
+    if x.size > 16384:
+        return np.clip(x, lo, hi)
+    return np.minimum(np.maximum(x, lo), hi)
 
 
 @_hardtanh.def_vjp
@@ -1355,7 +1399,8 @@ def _hardtanh_vjp(g, node):
 def hardtanh(input: Tensor, min_val: float = -1.0, max_val: float = 1.0,
              inplace: bool = False) -> Tensor:
     """``input`` clamped to ``[min_val, max_val]``; zero gradient at and beyond the bounds."""
-    _tensor(input, "hardtanh")
+    if _tensor(input, "hardtanh")._data.dtype == np.bool_:
+        raise RuntimeError("Bool inputs not supported for hardtanh")
     if min_val > max_val:
         raise ValueError("min_val cannot be greater than max_val")
     if inplace:
@@ -1375,10 +1420,8 @@ def _clamp(x, lo, hi, has_min, has_max):
     # a missing bound is passed as a 0-d placeholder (so inputs and saved positions stay fixed);
     # min(max(x, lo), hi) as PyTorch: hi wins where lo > hi, and NaN propagates
     if has_min:
-        if has_max and x.size > 16384:
-            return np.clip(x, lo, hi)  # one pass, but a slow call for small arrays
-        x = np.maximum(x, lo)
-    return np.minimum(x, hi) if has_max else x
+        return _clip(x, lo, hi) if has_max else np.maximum(x, lo)
+    return np.minimum(x, hi)
 
 
 @_clamp.def_infer
@@ -1587,8 +1630,9 @@ def _assign_from(self: Tensor, fn, op: str) -> Tensor:
     return _assign(self, fn(self), op)
 
 
-def _inplace(prim, self: Tensor, other, op: str) -> Tensor:
-    """``self.op_(other)`` for a binary primitive, with PyTorch's casting rule."""
+def _inplace(prim, self: Tensor, other, op: str, bool_kernel: str | None = None) -> Tensor:
+    """``self.op_(other)`` for a binary primitive, with PyTorch's casting rule (and, after it,
+    the error of PyTorch's ``bool_kernel`` when self is a bool tensor)."""
     if isinstance(other, Tensor):
         operand = other if other._data.dtype == self._data.dtype else None
     else:
@@ -1598,24 +1642,15 @@ def _inplace(prim, self: Tensor, other, op: str) -> Tensor:
         if dt._category > self.dtype._category:
             raise _cast_error(op, dt, self)
         operand = as_operand(other, self.dtype, op)
-    return _apply_inplace(prim, self, (operand,), {})
-
-
-def _apply_inplace(prim, self: Tensor, others: tuple, attrs: dict) -> Tensor:
-    """``dispatch.apply_inplace``, plus the case it misses: it keeps a copy of the target's old
-    value for the VJP only when the target itself requires grad, but the VJP for another input
-    may read it too (``a.mul_(w)`` with only ``w`` requiring grad)."""
-    if STATE.grad_enabled and not self._rg and 0 in prim.save:
-        for o in others:
-            if o._rg:
-                return _assign(self, prim(clone(self), *others, **attrs), prim.name + "_")
-    return apply_inplace(prim, self, others, attrs)
+    if bool_kernel is not None:
+        _not_bool(self, bool_kernel)
+    return apply_inplace(prim, self, (operand,), {})
 
 
 def _unary_inplace(prim, self: Tensor, op: str, floating: bool = True, **attrs) -> Tensor:
     if floating and _tensor(self, op)._data.dtype.kind != "f":
         raise _cast_error(op, dtypes.get_default_dtype(), self)
-    return _apply_inplace(prim, self, (), attrs)
+    return apply_inplace(prim, self, (), attrs)
 
 
 def add_(self, other, *, alpha=1):
@@ -1627,7 +1662,7 @@ def add_(self, other, *, alpha=1):
 def sub_(self, other, *, alpha=1):
     if alpha != 1:
         other = _scaled(other, alpha)
-    if self._data.dtype == np.bool_:
+    if _is_bool(self) or _is_bool(other):
         sub(self, other)  # PyTorch's error for bools
     return _inplace(_sub, self, other, "sub_")
 
@@ -1651,19 +1686,19 @@ def pow_(self, exponent):
     if (self._data.dtype.kind in "biu" and isinstance(exponent, numbers.Integral)
             and exponent < 0):
         raise RuntimeError("Integers to negative integer powers are not allowed.")
-    return _inplace(_pow, self, exponent, "pow_")
+    return _inplace(_pow, self, exponent, "pow_", "pow")
 
 
 def floor_divide_(self, other):
-    return _inplace(_floor_divide, self, other, "floor_divide_")
+    return _inplace(_floor_divide, self, other, "floor_divide_", "div_floor")
 
 
 def remainder_(self, other):
-    return _inplace(_remainder, self, other, "remainder_")
+    return _inplace(_remainder, self, other, "remainder_", "remainder")
 
 
 def fmod_(self, other):
-    return _inplace(_fmod, self, other, "fmod_")
+    return _inplace(_fmod, self, other, "fmod_", "fmod")
 
 
 def neg_(self):
@@ -1705,7 +1740,7 @@ def clamp_(self, min=None, max=None):
         if dt._category > self.dtype._category:
             raise _cast_error("clamp_", dt, self)
         lo, hi = cast(lo, self.dtype), cast(hi, self.dtype)
-    return _apply_inplace(_clamp, self, (lo, hi),
+    return apply_inplace(_clamp, self, (lo, hi),
                           {"has_min": min is not None, "has_max": max is not None})
 
 
@@ -1718,7 +1753,33 @@ def masked_fill_(self, mask, value):
 
 
 def lerp_(self, end, weight):
+    dt = self._data.dtype
+    plain = (dt.kind == "f" and isinstance(end, Tensor) and end._data.dtype == dt
+             and (isinstance(weight, _NUMBER) or getattr(weight, "dtype", None) == self.dtype)
+             and not (STATE.grad_enabled and (self._rg or end._rg or getattr(weight, "_rg", 0))))
+    if plain:  # the optimizers' case: two temporaries, then one add into self
+        return add_(self, mul(sub(end, self), weight))
     return _assign_from(self, lambda s: lerp(s, end, weight), "lerp_")
+
+
+def addcmul(input: Tensor, tensor1: Tensor, tensor2: Tensor, *, value=1) -> Tensor:
+    """``input + value * tensor1 * tensor2`` (PyTorch's evaluation order)."""
+    return add(input, mul(mul(tensor1, value), tensor2) if value != 1 else mul(tensor1, tensor2))
+
+
+def addcdiv(input: Tensor, tensor1: Tensor, tensor2: Tensor, *, value=1) -> Tensor:
+    """``input + value * tensor1 / tensor2`` (PyTorch's evaluation order)."""
+    return add(input, div(mul(tensor1, value), tensor2) if value != 1 else div(tensor1, tensor2))
+
+
+def addcmul_(self, tensor1: Tensor, tensor2: Tensor, *, value=1) -> Tensor:
+    """In-place ``addcmul``; outside autograd the sum is written straight into ``self``."""
+    return add_(self, mul(mul(tensor1, value), tensor2) if value != 1 else mul(tensor1, tensor2))
+
+
+def addcdiv_(self, tensor1: Tensor, tensor2: Tensor, *, value=1) -> Tensor:
+    """In-place ``addcdiv``."""
+    return add_(self, div(mul(tensor1, value), tensor2) if value != 1 else div(tensor1, tensor2))
 
 
 def copy_(self, src, non_blocking=False):
@@ -1768,7 +1829,8 @@ def _augmented(inplace, outplace):
     def method(self, other):
         base = self._base
         if base is not None and (base._rg or self._rg) and STATE.grad_enabled:
-            return outplace(self, other)
+            # a clone: the write-back bumps the view's version, which the op may have saved
+            return outplace(clone(self), other)
         return inplace(self, other)
 
     return method
@@ -1795,6 +1857,14 @@ def _comparison(fn):
 
 subtract, multiply, divide, true_divide, negative = sub, mul, div, div, neg
 absolute, sgn = abs, sign
+
+
+def _bitwise_inplace(prim, op):
+    def inplace(self, other):
+        _integral(self, op)
+        return _inplace(prim, self, other, op + "_")
+
+    return inplace
 
 
 def _float_inplace(prim, op):
@@ -1849,7 +1919,8 @@ TENSOR_METHODS = {
     "rsqrt_": lambda self: _assign_from(self, rsqrt, "rsqrt_"),
     "floor_": _rounding_inplace(_floor, "floor_"), "ceil_": _rounding_inplace(_ceil, "ceil_"),
     "trunc_": _rounding_inplace(_trunc, "trunc_"), "round_": round_,
-    "masked_fill_": masked_fill_, "lerp_": lerp_, "copy_": copy_, "fill_": fill_,
+    "masked_fill_": masked_fill_, "lerp_": lerp_, "addcmul": addcmul, "addcdiv": addcdiv,
+    "addcmul_": addcmul_, "addcdiv_": addcdiv_, "copy_": copy_, "fill_": fill_,
     "zero_": zero_,
     # operators
     "__add__": add, "__radd__": _reflected(add),
@@ -1869,9 +1940,7 @@ TENSOR_METHODS = {
     "__imul__": _augmented(mul_, mul), "__itruediv__": _augmented(div_, div),
     "__ifloordiv__": _augmented(floor_divide_, floor_divide),
     "__imod__": _augmented(remainder_, remainder), "__ipow__": _augmented(pow_, pow),
-    "__iand__": _augmented(lambda s, o: _inplace(_bitwise_and, s, o, "bitwise_and_"),
-                           bitwise_and),
-    "__ior__": _augmented(lambda s, o: _inplace(_bitwise_or, s, o, "bitwise_or_"), bitwise_or),
-    "__ixor__": _augmented(lambda s, o: _inplace(_bitwise_xor, s, o, "bitwise_xor_"),
-                           bitwise_xor),
+    "__iand__": _augmented(_bitwise_inplace(_bitwise_and, "bitwise_and"), bitwise_and),
+    "__ior__": _augmented(_bitwise_inplace(_bitwise_or, "bitwise_or"), bitwise_or),
+    "__ixor__": _augmented(_bitwise_inplace(_bitwise_xor, "bitwise_xor"), bitwise_xor),
 }

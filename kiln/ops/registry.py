@@ -29,7 +29,7 @@ class Primitive:
     """One primitive operation.  Call it with Kiln tensors (and keyword attributes)."""
 
     __slots__ = ("name", "impl", "vjp", "infer", "traits", "save", "save_out", "no_grad_reason",
-                 "is_view", "__weakref__")
+                 "is_view", "inplace_impl", "__weakref__")
 
     def __init__(self, name, impl, *, traits=(), save=(), save_out=False, infer=None):
         unknown = set(traits) - TRAITS
@@ -41,6 +41,8 @@ class Primitive:
         self.infer = infer or abstract_eval(impl)
         self.traits = frozenset(traits)
         self.is_view = "view" in self.traits  # output shares the first input's storage
+        # Optional fast path for ``x.op_(...)`` outside autograd: writes into x's array.
+        self.inplace_impl = None
         self.save = tuple(save)  # input positions whose values the VJP reads
         self.save_out = save_out  # the VJP reads the output value
         self.no_grad_reason = None

@@ -6,8 +6,6 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
-    addcdiv_,
-    addcmul_,
     check_differentiable,
     check_lr,
     eval_closure,
@@ -83,7 +81,7 @@ class Adagrad(Optimizer):
                     grad = grad.add(p, alpha=weight_decay)
                 clr = lr / (1 + (step - 1) * lr_decay)
                 state_sum = state["sum"]
-                addcmul_(state_sum, grad, grad, 1)
+                state_sum.addcmul_(grad, grad)
                 std = state_sum.sqrt().add(eps)
-                addcdiv_(p, grad, std, -clr)
+                p.addcdiv_(grad, std, value=-clr)
         return loss

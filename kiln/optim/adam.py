@@ -6,8 +6,6 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
-    addcdiv_,
-    addcmul_,
     check_differentiable,
     check_lr,
     check_nonneg,
@@ -98,7 +96,7 @@ class Adam(Optimizer):
                 exp_avg = state["exp_avg"]
                 exp_avg_sq = state["exp_avg_sq"]
                 exp_avg.lerp_(grad, one_minus_beta1)
-                addcmul_(exp_avg_sq.mul_(beta2), grad, grad, one_minus_beta2)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
                 # Bias corrections are Python floats (PyTorch's non-capturable path); params of a
                 # group almost always share their step, so compute them once per group.
                 if step != cached_step:
@@ -113,7 +111,7 @@ class Adam(Optimizer):
                     denom = (max_sq.sqrt() / bias_correction2_sqrt).add(eps)
                 else:
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add(eps)
-                addcdiv_(p, exp_avg, denom, -step_size)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
 
     def __setstate__(self, state) -> None:

@@ -10,7 +10,6 @@ from itertools import chain
 from typing import Any
 
 from kiln.grad_mode import STATE
-from kiln.ops import elementwise as _ew
 from kiln.tensor import Tensor
 
 __all__ = ["Optimizer", "required"]
@@ -57,35 +56,6 @@ def check_differentiable(differentiable: bool) -> None:
         raise NotImplementedError(
             "differentiable=True (a step recorded by autograd) is not supported by kiln optimizers"
         )
-
-
-# -- PyTorch's fused pointwise updates ----------------------------------------------------------
-# The optimizers call these instead of ``t.addcmul_`` / ``t.addcdiv_`` so they also run on a kiln
-# without those tensor methods: then the update is composed from kiln ops in the evaluation order
-# of PyTorch's CPU kernels (``t + (value * t1) * t2`` and ``t + (value * t1) / t2``).
-
-def addcmul_(t: Tensor, t1: Tensor, t2: Tensor, value=1) -> Tensor:
-    """``t.addcmul_(t1, t2, value=value)``."""
-    op = getattr(t, "addcmul_", None)
-    if op is not None:
-        return op(t1, t2, value=value)
-    return t.add_(_ew.mul(_ew.mul(t1, value), t2))
-
-
-def addcmul(t: Tensor, t1: Tensor, t2: Tensor, value=1) -> Tensor:
-    """``t.addcmul(t1, t2, value=value)``."""
-    op = getattr(t, "addcmul", None)
-    if op is not None:
-        return op(t1, t2, value=value)
-    return _ew.add(t, _ew.mul(_ew.mul(t1, value), t2))
-
-
-def addcdiv_(t: Tensor, t1: Tensor, t2: Tensor, value=1) -> Tensor:
-    """``t.addcdiv_(t1, t2, value=value)``."""
-    op = getattr(t, "addcdiv_", None)
-    if op is not None:
-        return op(t1, t2, value=value)
-    return t.add_(_ew.div(_ew.mul(t1, value), t2))
 
 
 def step_no_grad(step):

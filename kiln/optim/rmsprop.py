@@ -6,9 +6,6 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
-    addcdiv_,
-    addcmul,
-    addcmul_,
     check_differentiable,
     check_lr,
     eval_closure,
@@ -79,18 +76,18 @@ class RMSprop(Optimizer):
                 if weight_decay != 0:
                     grad = grad.add(p, alpha=weight_decay)
                 square_avg = state["square_avg"]
-                addcmul_(square_avg.mul_(alpha), grad, grad, one_minus_alpha)
+                square_avg.mul_(alpha).addcmul_(grad, grad, value=one_minus_alpha)
                 if centered:
                     grad_avg = state["grad_avg"]
                     grad_avg.lerp_(grad, one_minus_alpha)
-                    avg = addcmul(square_avg, grad_avg, grad_avg, -1).sqrt()
+                    avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt()
                 else:
                     avg = square_avg.sqrt()
                 avg = avg.add(eps)
                 if momentum > 0:
                     buf = state["momentum_buffer"]
-                    addcdiv_(buf.mul_(momentum), grad, avg)
+                    buf.mul_(momentum).addcdiv_(grad, avg)
                     p.add_(buf, alpha=-lr)
                 else:
-                    addcdiv_(p, grad, avg, -lr)
+                    p.addcdiv_(grad, avg, value=-lr)
         return loss

@@ -9,6 +9,7 @@ import torch
 import kiln
 from tests.helpers import check_exception, check_op, randn
 
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched:UserWarning")
 F32 = {"atol": 1e-5, "rtol": 1e-5}
 F64 = {"atol": 1e-12, "rtol": 1e-10}
 TOL = {np.float32: F32, np.float64: F64}
@@ -36,12 +37,12 @@ QKV_SHAPES = [((2, 3, 4, 8), (2, 3, 6, 8), (2, 3, 6, 5)),  # (N, H, L, E), S != 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("shapes", QKV_SHAPES, ids=str)
 def test_sdpa_masks(dt, shapes):
-    qs, ks, vs = shapes
+    qs, ks, _ = shapes
     q, k, v = (randn(*s, seed=i, dtype=dt) for i, s in enumerate(shapes))
     L, S = qs[-2], ks[-2]
     cases = [{}, {"scale": 0.3}, {"is_causal": True}]
     for kw in cases:
-        check_op(lambda lib, q, k, v: _sdpa(lib, q, k, v, **kw), [q, k, v], **TOL[dt])
+        check_op(lambda lib, q, k, v, kw=kw: _sdpa(lib, q, k, v, **kw), [q, k, v], **TOL[dt])
     if not S:
         return
     bm = _bool_mask((L, S), empty_row=1)

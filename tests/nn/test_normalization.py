@@ -18,7 +18,7 @@ FLOATS = [np.float32, np.float64]
 # -- layer_norm ----------------------------------------------------------------------------------
 
 LN_CASES = [((4, 6), (6,)), ((2, 3, 5), (5,)), ((2, 3, 5), (3, 5)), ((7,), (7,)),
-            ((0, 4), (4,)), ((2, 3, 4, 2), (4, 2))]
+            ((0, 4), (4,)), ((2, 0), (0,)), ((2, 3, 4, 2), (4, 2))]
 
 
 @pytest.mark.parametrize("dt", FLOATS)
@@ -27,13 +27,11 @@ def test_layer_norm(dt, case):
     shape, ns = case
     x = randn(*shape, dtype=dt) * 2 + 0.5
     w, b = randn(*ns, seed=1, dtype=dt), randn(*ns, seed=2, dtype=dt)
-    F = "nn.functional"
     check_op(lambda lib, x, w, b: lib.nn.functional.layer_norm(x, ns, w, b, 1e-5), [x, w, b],
              **TOL[dt])
     check_op(lambda lib, x: lib.nn.functional.layer_norm(x, ns, eps=0.1), [x], **TOL[dt])
     check_op(lambda lib, x, w: lib.nn.functional.layer_norm(x, ns, w), [x, w], **TOL[dt])
     check_op(lambda lib, x, b: lib.nn.functional.layer_norm(x, ns, None, b), [x, b], **TOL[dt])
-    assert F
 
 
 def test_layer_norm_constant_rows_and_non_contiguous_input():
@@ -97,9 +95,11 @@ def test_group_norm(dt, shape, groups):
              **TOL[dt])
 
 
-@pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_module(affine):
-    tm, km = torch.nn.GroupNorm(2, 6, affine=affine), kiln.nn.GroupNorm(2, 6, affine=affine)
+@pytest.mark.parametrize("affine,bias", [(True, True), (False, True), (True, False)])
+def test_group_norm_module(affine, bias):
+    tm = torch.nn.GroupNorm(2, 6, affine=affine, bias=bias)
+    km = kiln.nn.GroupNorm(2, 6, affine=affine, bias=bias)
+    assert repr(km) == repr(tm)
     assert list(km.state_dict()) == list(tm.state_dict())
     if affine:
         with torch.no_grad():
@@ -120,7 +120,7 @@ def test_batch_norm_functional(dt, shape):
     for training in (True, False):
         stats = {}
 
-        def f(lib, x, w, b, training=training):
+        def f(lib, x, w, b, training=training, stats=stats):
             m, v = lib.tensor(rm), lib.tensor(rv)
             out = lib.nn.functional.batch_norm(x, m, v, w, b, training=training, momentum=0.3)
             stats[lib] = (m.numpy(), v.numpy())

@@ -12,6 +12,10 @@ import torch.nn.functional as TF
 import kiln
 from tests.helpers import check_exception, check_op, rand
 
+# kiln.ops.elementwise silences numpy's floating-point warnings (PyTorch gives none); pytest
+# resets warning filters for each test, so restate it
+pytestmark = pytest.mark.filterwarnings(r"ignore::RuntimeWarning:kiln\.ops\.elementwise")
+
 F32 = {"atol": 1e-6, "rtol": 1e-5}
 F64 = {"atol": 1e-12, "rtol": 1e-12}
 TOL = {np.float32: F32, np.float64: F64}
@@ -283,6 +287,14 @@ PROMOTION = [
     ("masked_fill(f32, int 0-d)", lambda lib, a, v: a.masked_fill(a > 0, v),
      [rand(5), np.array(3)]),
     ("square(int)", lambda lib, a: lib.square(a), [ints(4)]),
+    ("u8/-3", lambda lib, a: a / -3, [ints(3, low=0, high=255, dtype=np.uint8)]),
+    ("i16 0-d / u8", lambda lib, a, b: a / b, [np.array(-4, np.int16),
+                                              ints(3, low=1, high=9, dtype=np.uint8)]),
+    ("u8+300 wraps", lambda lib, a: a + 300, [ints(3, low=0, high=255, dtype=np.uint8)]),
+    ("i8*1000 wraps", lambda lib, a: a * 1000, [ints(3, dtype=np.int8)]),
+    ("u8<-3", lambda lib, a: (a < -3, a == -6, a + (-3)),
+     [np.array([1, 250], np.uint8)]),
+    ("u8 clamp -3", lambda lib, a: a.clamp(min=-3), [np.array([1, 250], np.uint8)]),
     ("int +=", lambda lib, a: _iadd(a, 3), [ints(4)]),
 ]
 
@@ -603,7 +615,8 @@ def test_erf_accuracy():
     grid = np.concatenate([np.linspace(-7, 7, 200001), np.logspace(-300, 1, 2000),
                            -np.logspace(-300, 1, 2000), [0.0, -0.0, 1.0, -1.0, 6.0, 1e300]])
     for dtype, rtol, tiny in [(np.float32, 1e-6, 1e-37), (np.float64, 1e-12, 1e-300)]:
-        x = grid.astype(dtype)
+        with np.errstate(over="ignore"):  # 1e300 becomes inf in float32
+            x = grid.astype(dtype)
         got = kiln.erf(kiln.tensor(x)).numpy().astype(np.float64)
         want = torch.erf(torch.tensor(x)).numpy().astype(np.float64)
         ok = np.abs(got - want) <= rtol * np.abs(want) + tiny
@@ -925,6 +938,16 @@ ERRORS = [
     ("bool sub", lambda lib: lib.tensor([True]) - lib.tensor([False]), "Subtraction"),
     ("bool sub scalar", lambda lib: lib.tensor([True]) - True, "Subtraction"),
     ("bool pos", lambda lib: +lib.tensor([True]), r"`\+` operator"),
+    ("bool - int", lambda lib: lib.tensor([True]) - lib.tensor([2]), "with a bool tensor"),
+    ("int - True", lambda lib: lib.tensor([2]) - True, "with a bool tensor"),
+    ("float sub_ bool", lambda lib: lib.ones(2).sub_(lib.tensor([True, False])),
+     "with a bool tensor"),
+    ("bool // bool", lambda lib: lib.tensor([True]) // lib.tensor([True]), "div_floor"),
+    ("bool % bool", lambda lib: lib.tensor([True]) % lib.tensor([True]), "remainder"),
+    ("bool ** bool", lambda lib: lib.tensor([True]) ** lib.tensor([True]), "pow"),
+    ("bool pow_ 2", lambda lib: lib.tensor([True]).pow_(2), "can't be cast"),
+    ("hardtanh bool", lambda lib: nnf(lib).hardtanh(lib.tensor([True])), "Bool inputs"),
+    ("float &=", lambda lib: lib.ones(2).__iand__(1), "bitwise_and"),
     ("int // 0", lambda lib: lib.tensor([1, 2]) // 0, "ZeroDivisionError"),
     ("int % 0", lambda lib: lib.tensor([1, 2]) % lib.tensor([1, 0]), "ZeroDivisionError"),
     ("int fmod 0", lambda lib: lib.fmod(lib.tensor([1, 2]), 0), "ZeroDivisionError"),

@@ -220,8 +220,6 @@ def test_setitem_augmented(key):
     check_op(fn, [rand(3, 4), rand(*vshape, seed=2)], **F32)
 
 
-@pytest.mark.xfail(reason="elementwise._augmented saves the view it reads; the write-back then "
-                          "bumps that view's version (needs a clone there)", strict=False)
 def test_setitem_augmented_multiply():
     def fn(lib, x, v):
         y = x * 1

@@ -183,9 +183,9 @@ def test_reduce_lr_on_plateau():
 # -- state_dict ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_state_dict_round_trip(name):
-    """Save the optimizer and scheduler half-way, restore both into fresh objects, continue:
-    the same learning rates as the uninterrupted run."""
+def test_state_dict_round_trip(name, tmp_path):
+    """Save the optimizer and scheduler half-way (through kiln.save / kiln.load), restore both
+    into fresh objects, continue: the same learning rates as the uninterrupted run."""
     opt_name, case = _unpack(CASES[name])
     _, _, full = _run(kiln, case, opt_name=opt_name)
     opt = _optimizer(kiln, opt_name)
@@ -194,7 +194,9 @@ def test_state_dict_round_trip(name):
     for _ in range(half):
         opt.step()
         sched.step()
-    osd, ssd = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    kiln.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, str(tmp_path / "c.kiln"))
+    ckpt = kiln.load(str(tmp_path / "c.kiln"))
+    osd, ssd = ckpt["opt"], ckpt["sched"]
     opt2 = _optimizer(kiln, opt_name)
     sched2 = case(kiln, opt2)  # PyTorch's order: build the scheduler, then load both
     opt2.load_state_dict(osd)

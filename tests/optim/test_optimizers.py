@@ -578,3 +578,29 @@ def test_checkpoint_through_kiln_save_and_load(tmp_path):
             assert sched2.get_last_lr() == sched.get_last_lr()
             for a, b in zip(kp, kp2):
                 np.testing.assert_array_equal(_np(a), _np(b))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_trains_an_nn_module_like_torch(name):
+    """End to end with kiln.nn: Parameters from model.parameters(), forward, backward, step."""
+    kw = {"SGD": {"lr": 0.1, "momentum": 0.9}, "Adam": {"lr": 0.01},
+          "AdamW": {"lr": 0.01, "weight_decay": 0.1}}[name]
+    rng = np.random.default_rng(9)
+    w, b = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    x, y = rng.standard_normal((8, 4)), rng.standard_normal((8, 3))
+    out = {}
+    for lib in (kiln, torch):
+        model = lib.nn.Linear(4, 3).double()
+        with lib.no_grad():
+            model.weight.copy_(lib.tensor(w))
+            model.bias.copy_(lib.tensor(b))
+        opt = getattr(lib.optim, name)(model.parameters(), **kw)
+        xt, yt = lib.tensor(x), lib.tensor(y)
+        for _ in range(10):
+            opt.zero_grad()
+            loss = ((model(xt) - yt) * (model(xt) - yt)).mean()
+            loss.backward()
+            opt.step()
+        out[lib] = [_np(p).copy() for p in model.parameters()]
+    for a, b_ in zip(out[kiln], out[torch]):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
