@@ -32,7 +32,7 @@ _SNAME = {"float32": "Float", "float64": "Double", "float16": "Half", "int64": "
 # flag is set, as BLAS gemm's transA/transB: the gradients of a product are products with one
 # operand transposed, so with the flags every VJP is a single matmul (no transpose node), and
 # numpy hands the transposed view to BLAS without copying.  Operands have >= 2 dims and the same
-# dtype; batch dims broadcast as in np.matmul.  ``linear`` is matmul(x, W, tb=True) + bias.
+# dtype; batch dims broadcast as in np.matmul.
 
 @primitive("matmul", traits={"linalg"}, save=(0, 1))
 def _matmul(a, b, ta, tb):
