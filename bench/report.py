@@ -16,7 +16,7 @@ WORKLOADS = ("mlp", "cnn", "gpt")
 # Display order; peers not listed go last, alphabetically.
 ORDER = ("kiln:eager", "kiln:compile", "torch:eager", "torch:compile", "tf:eager",
          "tf:function", "tf:xla", "jax:eager", "jax:jit", "numpy:2threads", "numpy:1thread")
-LOSS_RTOL = {"loss_step1": 1e-4, "loss_step10": 1e-3}
+LOSS_RTOL = {"loss_step1": 1e-4, "loss_step10": 1e-4}
 ROW_KEYS = ("peer", "mode", "workload", "metric", "value", "unit")
 
 
@@ -207,7 +207,8 @@ def matmul_table(rows: list) -> str:
             lines.append(f"| {lbl} | error: {errs[lbl][:120]} |" + " |" * len(sizes))
             continue
         cells = [_fmt(m.get(f"matmul_n{n}_gflops"), ".1f") for n in sizes]
-        lines.append(f"| {lbl} | " + " | ".join(cells) + f" | {_fmt(m.get('peak_rss_mb'), '.0f')} |")
+        cells.append(_fmt(m.get("peak_rss_mb"), ".0f"))
+        lines.append(f"| {lbl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -239,7 +240,8 @@ def render(rows: list) -> str:
     out = [f"# Kiln benchmark {env.get('date', '')} run {env.get('run_id', '')}", ""]
     if env:
         m = env.get("machine", {})
-        out += [f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+        out += [f"- machine: {m.get('cpu', '?')}"
+                + (f", {m['simd']}" if m.get("simd") else "") + f", {m.get('cores', '?')} cores, "
                 f"{m.get('mem_gb', '?')} GB RAM, Linux {m.get('kernel', '?')}, "
                 f"python {m.get('python', '?')}",
                 f"- thread/BLAS environment as found (never changed): "

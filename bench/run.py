@@ -132,18 +132,25 @@ def thread_env(environ=None) -> dict:
 
 
 def machine() -> dict:
-    cpu, mem = platform.processor() or platform.machine(), None
+    """CPU model (and its widest SIMD), cores, memory, kernel, python: from /proc on Linux."""
+    cpu, mem, simd = platform.processor() or platform.machine(), None, None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            info = f.read().splitlines()
+        field = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip()
+                 for ln in info if ":" in ln}
+        cpu = field.get("model name", cpu)
+        if "model" in field:
+            cpu += f" (family {field.get('cpu family', '?')} model {field['model']})"
+        flags = set(field.get("flags", "").split())
+        simd = next((s for s in ("avx512f", "avx2", "avx", "sse4_2") if s in flags), None)
         with open("/proc/meminfo") as f:
             kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal"))
             mem = round(kb / 1024 ** 2, 1)
-    except OSError:
+    except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "kernel": platform.release(),
-            "python": platform.python_version()}
+    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "mem_gb": mem,
+            "kernel": platform.release(), "python": platform.python_version()}
 
 
 def _commit():

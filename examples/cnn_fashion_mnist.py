@@ -1,7 +1,8 @@
 """Train a LeNet-style CNN on Fashion-MNIST and report its test accuracy.
 
-    python examples/cnn_fashion_mnist.py [--epochs 3] [--limit 10000] [--root DIR]
+    python examples/cnn_fashion_mnist.py [--epochs 5] [--limit 10000] [--root DIR]
 
+About 15 s per epoch on 2 CPU cores; the test accuracy is about 87% after 3 epochs.
 The data comes from Debian's dataset-fashion-mnist package (``apt-get install
 dataset-fashion-mnist``) or any directory holding the four IDX files (``--root``).
 """
@@ -61,7 +62,7 @@ def limited(dataset, limit: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--limit", type=int, default=None,

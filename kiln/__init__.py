@@ -17,7 +17,7 @@ from kiln.dtypes import (
 )
 from kiln.dtypes import promote_types, result_type as _result_type
 from kiln.grad_mode import enable_grad, inference_mode, is_grad_enabled, no_grad, set_grad_enabled
-from kiln.tensor import Size, Tensor
+from kiln.tensor import Size, Tensor, device
 from kiln import ops as _ops  # noqa: F401 - attaches the operations to Tensor
 from kiln.creation import *  # noqa: F401,F403
 from kiln.random import *  # noqa: F401,F403

@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 
 from kiln import dtypes
-from kiln.tensor import Tensor, _make
+from kiln.tensor import Tensor, _make, install_methods
 
 __all__ = ["tensor", "as_tensor", "from_numpy", "zeros", "ones", "full", "empty", "arange",
            "linspace", "eye", "zeros_like", "ones_like", "full_like", "empty_like", "scalar_tensor"]
@@ -207,3 +207,28 @@ def eye(n: int, m: int | None = None, *, dtype=None, device=None,
     if n < 0 or (m is not None and m < 0):
         raise RuntimeError(f"eye: n and m must be non-negative, got n={n}, m={m}")
     return _factory(np.eye(n, m, dtype=_float_or(dtype)), requires_grad)
+
+
+def _new_dtype(self: Tensor, dtype) -> dtypes.dtype:
+    return dtypes.as_dtype(dtype) if dtype is not None else self.dtype
+
+
+def _new_tensor(self, data, *, dtype=None, device=None, requires_grad=False):
+    return tensor(data, dtype=_new_dtype(self, dtype), requires_grad=requires_grad)
+
+
+def _new_full(self, size, fill_value, *, dtype=None, device=None, requires_grad=False):
+    return full(size, fill_value, dtype=_new_dtype(self, dtype), requires_grad=requires_grad)
+
+
+def _new_zeros(self, *size, dtype=None, device=None, requires_grad=False):
+    return zeros(*size, dtype=_new_dtype(self, dtype), requires_grad=requires_grad)
+
+
+def _new_ones(self, *size, dtype=None, device=None, requires_grad=False):
+    return ones(*size, dtype=_new_dtype(self, dtype), requires_grad=requires_grad)
+
+
+# ``t.new_*`` build a tensor with ``t``'s dtype (and device), as in PyTorch.
+install_methods({"new_tensor": _new_tensor, "new_full": _new_full, "new_zeros": _new_zeros,
+                 "new_ones": _new_ones, "new_empty": _new_zeros})

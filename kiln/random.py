@@ -106,7 +106,14 @@ def normal(mean=0.0, std=1.0, size=None, *, generator=None, dtype=None, device=N
     if np.any(np.asarray(s) < 0):
         raise RuntimeError("normal expects std >= 0.0")
     if size is None:
-        size = np.broadcast_shapes(np.shape(m), np.shape(s))
+        if not isinstance(mean, Tensor) and not isinstance(std, Tensor):
+            raise TypeError("normal(): with a float mean and a float std, the size argument "
+                            "is required")
+        try:
+            size = np.broadcast_shapes(np.shape(m), np.shape(s))
+        except ValueError:
+            raise RuntimeError(f"normal(): the shapes of mean {list(np.shape(m))} and std "
+                               f"{list(np.shape(s))} do not broadcast") from None
     d = dtype
     if d is None:
         d = next((x.dtype for x in (mean, std) if isinstance(x, Tensor)), None)

@@ -6,9 +6,10 @@ state dict that ``safetensors.torch.load_file`` reads, and files written by PyTo
 ``safetensors.torch.save_file`` load here).  Anything else in the object - nested dicts with int
 keys, lists, tuples, numbers, strings, None, as in an optimizer's ``state_dict()`` - is kept as a
 JSON skeleton in the header's metadata (``"kiln.tree"``), so the object comes back with the same
-structure.  Each tensor's CRC-32 is stored too (``"kiln.crc32"``), so a flipped byte in the data
-is reported instead of silently loaded.  Loading only parses JSON and copies bytes: it never runs
-code.
+structure.  Each tensor's CRC-32 is stored too (``"kiln.crc32"``), and one over the tensors'
+names, dtypes and shapes and the skeleton (``"kiln.header_crc32"``), so a flipped byte in the data
+or the header is reported instead of silently loaded.  Loading only parses JSON and copies
+bytes: it never runs code.
 
 Saving to a path is atomic: the bytes go to a temporary file in the same directory, are flushed
 and fsync'ed, and only then renamed over the target with ``os.replace``; a crash at any point
@@ -31,9 +32,13 @@ __all__ = ["save", "load"]
 
 _TREE = "kiln.tree"
 _CRC = "kiln.crc32"
+_HEADER_CRC = "kiln.header_crc32"
 _SEP = "."
 # safetensors dtype names Kiln reads (safetensors' numpy API covers exactly these and more).
 _ST_DTYPES = {"BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "F32", "F64"}
+# Valid in safetensors files but not Kiln dtypes (loading them is a TypeError, not corruption).
+_ST_OTHER_DTYPES = {"BF16", "U16", "U32", "U64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4",
+                    "F6_E2M3", "F6_E3M2"}
 
 
 # -- the object <-> (tensors, JSON skeleton) mapping ---------------------------------------------
@@ -111,6 +116,13 @@ def _safetensors():
     return stnp, safe_open
 
 
+def _header_crc(meta: dict, arrays: dict) -> int:
+    """CRC-32 of what the tensor checksums do not cover: the structure, the checksums, and
+    each tensor's name, dtype and shape (a flipped bit there would otherwise load silently)."""
+    desc = sorted([k, a.dtype.str, list(a.shape)] for k, a in arrays.items())
+    return zlib.crc32(json.dumps([meta.get(_TREE), meta.get(_CRC), desc]).encode())
+
+
 def _invalid(where: str, why: str) -> RuntimeError:
     return RuntimeError(f"kiln.load: not a valid safetensors checkpoint: {where} ({why})")
 
@@ -136,6 +148,7 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, **kwargs) -> None:
     tree = _flatten(obj, [], arrays, crcs)
     metadata = {"format": "pt", _TREE: json.dumps(tree, separators=(",", ":")),
                 _CRC: json.dumps(crcs, separators=(",", ":"))}
+    metadata[_HEADER_CRC] = str(_header_crc(metadata, arrays))
     if hasattr(f, "write"):
         f.write(stnp.save(arrays, metadata=metadata))
         return
@@ -212,7 +225,13 @@ def _check_header(raw: bytes, size: int, where: str) -> dict:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dt = info.get("dtype") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list)
+                and isinstance(info.get("data_offsets"), list)):
+            raise _invalid(where, f"malformed header entry {name[:80]!r}")
+        dt = info["dtype"]
+        if dt not in _ST_DTYPES and dt not in _ST_OTHER_DTYPES:
+            raise _invalid(where, f"unknown dtype {dt[:20]!r} for tensor {name[:80]!r}")
         if dt not in _ST_DTYPES:
             raise TypeError(f"kiln.load: tensor {name!r} in {where} has dtype {dt}, which kiln "
                             f"does not support (supported: {', '.join(sorted(_ST_DTYPES))})")
@@ -258,6 +277,12 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise _invalid(where, "the metadata is not a JSON object")
+    # Kiln's files carry both checksums; a tensor checksum without the header one means the
+    # header checksum's own key was damaged.
+    if (_HEADER_CRC in meta or _CRC in meta) and \
+            meta.get(_HEADER_CRC) != str(_header_crc(meta, arrays)):
+        raise _invalid(where, "checksum mismatch in the header: the names, shapes, dtypes or "
+                              "structure are corrupt")
     if _CRC in meta:
         try:
             crcs = json.loads(meta[_CRC])

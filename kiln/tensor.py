@@ -29,6 +29,29 @@ class Size(tuple):
         return n
 
 
+class device(str):
+    """Where a tensor lives: always ``"cpu"``.  A str, so ``t.device == "cpu"`` holds."""
+
+    __slots__ = ()
+
+    def __new__(cls, type: str = "cpu", index: int | None = None):  # noqa: A002 - PyTorch's name
+        return super().__new__(cls, type)
+
+    @property
+    def type(self) -> str:
+        return self.split(":")[0]
+
+    @property
+    def index(self) -> int | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"device(type='{self.type}')"
+
+
+_CPU = device("cpu")
+
+
 class Tensor:
     """An n-dimensional array with autograd.  Build one with ``kiln.tensor(data)``.
 
@@ -81,8 +104,13 @@ class Tensor:
         return self._data.itemsize
 
     @property
-    def device(self) -> str:
-        return "cpu"
+    def device(self) -> device:
+        return _CPU
+
+    def stride(self, dim: int | None = None):
+        """Strides in elements, as PyTorch reports them."""
+        st = tuple(s // self._data.itemsize for s in self._data.strides)
+        return st if dim is None else st[normalize_dim(dim, self._data.ndim, "stride")]
 
     def is_floating_point(self) -> bool:
         return self._data.dtype.kind == "f"

@@ -68,14 +68,14 @@ def test_cnn_digits_reaches_98_percent():
 
 # == character-level GPT =========================================================================
 
-GPT_MARGIN = 0.7  # nats per character below the unigram baseline (seeds 0-2 reach 0.85-0.88)
+GPT_MARGIN = 0.8  # nats/char below the unigram baseline; seeds 0 and 1 reach 0.98 and 0.96
 
 
 @needs_corpus
 def test_char_gpt_beats_unigram_baseline():
     gpt = load_example("char_gpt")
-    result = gpt.train(steps=300, n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=32,
-                       lr=3e-3, warmup=30, eval_iters=10, sample_chars=40, seed=0,
+    result = gpt.train(steps=400, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32,
+                       lr=3e-3, warmup=40, eval_iters=10, sample_chars=40, seed=0,
                        verbose=False)
     # The unigram baseline of the KJV is about 3.0 nats/char.
     assert 2.5 < result["baseline"] < 3.5
@@ -115,9 +115,9 @@ def test_char_gpt_generate_and_weight_tying():
 # discrete event.  Measured with ReLU + MaxPool2d + Adam on digits: at step 5 one of 8,192
 # pre-activations was 7.5e-9 in PyTorch and exactly 0.0 in Kiln (both right to float32), so one
 # unit's gradient was on in one framework and off in the other; the conv gradients then differed
-# by 5e-4 relative, Adam carried it on, and by step 47 the losses differed by 2.4e-2.  With the
-# same weights the two frameworks' gradients agree to 3e-9, and ReLU/max-pool at their kinks are
-# checked exactly, op by op, under tests/ops.
+# by up to 5e-2 relative, Adam carried it on, and by step 47 the losses differed by 2.4e-2.  From
+# the same weights the two frameworks' gradients agree to 1e-8, and ReLU/max-pool at their kinks
+# are checked exactly, op by op, under tests/ops.
 
 PARITY_STEPS = 50
 PARITY_RTOL = 1e-4

@@ -34,9 +34,12 @@ def setup(mode):
         threadpool_limits(n)
         how = f"threadpoolctl.threadpool_limits({n}) (numpy/BLAS)"
     import numpy
+    from threadpoolctl import threadpool_info
 
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
     return {"version": kiln.__version__, "threads": n, "threading": how,
-            "numpy": numpy.__version__}
+            "numpy": numpy.__version__, "blas": blas}
 
 
 def _compile(mode):

@@ -268,6 +268,8 @@ def _cross_entropy_backward(x, t, g, reduction, ignore_index):
     else:
         if reduction == "mean":
             count = n if valid is None else np.count_nonzero(valid)
+            if not count:  # every row ignored: a nan loss, but PyTorch's gradient is 0
+                return np.zeros_like(x)
             with np.errstate(invalid="ignore", divide="ignore"):
                 g = g / count
         scale = np.full(n, g, x.dtype) if valid is None else g * valid
@@ -350,8 +352,10 @@ def _nll_loss_backward(g, t, *weight, reduction, ignore_index, n_classes):
     if valid is not None:
         wt = wt * valid
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            wt = wt / np.add.reduce(wt, dtype=wt.dtype)
+        total = np.add.reduce(wt, dtype=wt.dtype)
+        if not total:  # every row ignored (or zero weight): PyTorch's gradient is 0, not nan
+            return out
+        wt = wt / total
     out[np.arange(n), t] = -(wt * g)
     return out
 

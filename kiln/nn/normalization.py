@@ -343,6 +343,16 @@ from kiln.nn.parameter import Parameter  # noqa: E402
 __all__ += ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm"]
 
 
+def _affine_parameters(m: Module, shape, affine: bool, bias: bool, dtype):
+    """Register ``m``'s ``weight`` (ones) and ``bias`` (zeros) of ``shape``, or None where
+    ``affine``/``bias`` leave them out, as PyTorch's norm layers do; returns the dtype."""
+    dt = dtype or kiln.get_default_dtype()
+    m.register_parameter("weight", Parameter(kiln.ones(shape, dtype=dt)) if affine else None)
+    m.register_parameter("bias", Parameter(kiln.zeros(shape, dtype=dt))
+                         if affine and bias else None)
+    return dt
+
+
 class _BatchNorm(Module):
     _ranks: tuple = ()
 
@@ -356,16 +366,7 @@ class _BatchNorm(Module):
         self.affine = affine
         self.has_bias = bias
         self.track_running_stats = track_running_stats
-        dt = dtype or kiln.get_default_dtype()
-        if affine:
-            self.weight = Parameter(kiln.ones(num_features, dtype=dt))
-            if bias:
-                self.bias = Parameter(kiln.zeros(num_features, dtype=dt))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        dt = _affine_parameters(self, num_features, affine, bias, dtype)
         if track_running_stats:
             self.register_buffer("running_mean", kiln.zeros(num_features, dtype=dt))
             self.register_buffer("running_var", kiln.ones(num_features, dtype=dt))
@@ -445,19 +446,14 @@ class LayerNorm(Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.has_bias = bias
-        dt = dtype or kiln.get_default_dtype()
-        if elementwise_affine:
-            self.weight = Parameter(kiln.ones(self.normalized_shape, dtype=dt))
-            if bias:
-                self.bias = Parameter(kiln.zeros(self.normalized_shape, dtype=dt))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, self.normalized_shape, elementwise_affine, bias, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        ns = self.normalized_shape
+        if isinstance(input, Tensor) and tuple(input.shape[input.ndim - len(ns):]) != ns:
+            raise RuntimeError(f"{self!r} expected input with shape [*, "
+                               f"{', '.join(map(str, ns))}], got shape {list(input.shape)}")
+        return layer_norm(input, ns, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -477,16 +473,7 @@ class GroupNorm(Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        dt = dtype or kiln.get_default_dtype()
-        if affine:
-            self.weight = Parameter(kiln.ones(num_channels, dtype=dt))
-            if bias:
-                self.bias = Parameter(kiln.zeros(num_channels, dtype=dt))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, num_channels, affine, bias, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.ndim < 2 or input.shape[1] != self.num_channels:

@@ -144,10 +144,11 @@ class RNNBase(Module):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.ndim not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.ndim}D tensor "
-                             "instead")
+                             f"instead (shape {list(input.shape)})")
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.shape[-1]}")
+            raise RuntimeError(f"{self!r}: input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.shape[-1]} (input shape "
+                               f"{list(input.shape)})")
         if input.dtype != self.weight_ih_l0.dtype:
             raise RuntimeError(f"{name}: input must have the type {self.weight_ih_l0.dtype}, "
                                f"got type {input.dtype}")

@@ -20,8 +20,9 @@ from kiln.ops.registry import primitive
 from kiln.tensor import Tensor, _make
 
 # PyTorch computes log(0) = -inf, 1/0 = inf and exp(1000) = inf without a word; numpy warns.
-# Only warnings raised from this module's kernels are silenced: the user's numpy code still warns.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"kiln\.ops\.elementwise$")
+# Only warnings raised from Kiln's kernels (sum of inf and -inf, matmul overflow, ...) are
+# silenced: the user's numpy code still warns.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"kiln\.(ops|nn)\.")
 
 __all__ = [
     "abs", "absolute", "add", "allclose", "bitwise_and", "bitwise_not", "bitwise_or",
@@ -1562,7 +1563,7 @@ def _clamp_operands(input, min, max, op):
     """The result dtype and both bounds as tensors of it (a placeholder for a missing one)."""
     _tensor(input, op)
     if min is None and max is None:
-        raise RuntimeError(f"torch.{op}: At least one of 'min' or 'max' must not be None")
+        raise RuntimeError(f"kiln.{op}: At least one of 'min' or 'max' must not be None")
     npdt = input._data.dtype
     lo = _placeholder(npdt) if min is None else _scalar_operand(input, min)
     hi = _placeholder(npdt) if max is None else _scalar_operand(input, max)

@@ -108,12 +108,29 @@ def _index_view(x, index):
 
 @_index_view.def_vjp
 def _index_view_vjp(g, node):
-    x = node.inputs[0]
     index = node.attrs["index"]
     if not index:
         return (g,)
-    return (_index_put(_zeros(x._data.shape, g._data.dtype), g, _no_indices(), index=index,
-                       dims=(), accumulate=False),)
+    return (_index_view_backward(g, shape=node.inputs[0]._data.shape, index=index),)
+
+
+@primitive("index_view_backward", traits={"index"})
+def _index_view_backward(g, shape, index):
+    """The adjoint of index_view: ``g`` written into zeros of ``shape`` at ``index`` (a
+    dedicated primitive: zeros plus one strided write, cheaper than a general index_put)."""
+    out = np.zeros(shape, g.dtype)
+    out[_npkey(index)] = g
+    return out
+
+
+@_index_view_backward.def_infer
+def _index_view_backward_infer(shapes, dts, shape, index):
+    return tuple(shape), dts[0]
+
+
+@_index_view_backward.def_vjp
+def _index_view_backward_vjp(gg, node):
+    return (_index_view(gg, index=node.attrs["index"]),)
 
 
 def _take(x, indices, dims):
@@ -284,14 +301,32 @@ def _bounds(arr: np.ndarray, n: int, dim: int, exc=IndexError, op: str = "") -> 
 
 
 def _parse_basic(shape: tuple, key: tuple):
-    """Fast path of ``_parse`` for keys of ints, slices and None (None when the key holds
-    anything else, Ellipsis included: the general parser handles it and its errors)."""
-    if len(key) > len(shape):
+    """Fast path of ``_parse`` for keys of ints, slices, None and one Ellipsis (None when the
+    key holds anything else: the general parser handles it and its errors)."""
+    if len(key) > len(shape) + 1:
         return None
     index = []
     din = 0
+    ellipsis = False
     for k in key:
         t = type(k)
+        if k is Ellipsis:
+            if ellipsis:
+                return None
+            ellipsis = True
+            # every item before it is an int, slice or None, so index() meets no tensor
+            rest = 0
+            for k2 in key[key.index(Ellipsis) + 1:]:
+                t2 = type(k2)
+                if t2 is int or t2 is slice:
+                    rest += 1
+            fill = len(shape) - din - rest
+            if fill < 0:
+                return None
+            for _ in range(fill):
+                index.append(_slice(0, shape[din], 1))
+                din += 1
+            continue
         if t is slice:
             if k.step is not None and (type(k.step) is not int or k.step <= 0):
                 return None

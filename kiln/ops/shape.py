@@ -12,6 +12,8 @@ import numpy as np
 
 from kiln import dtypes
 from kiln.ops.elementwise import cast, clone
+from kiln.ops.index import _index_view
+from kiln.ops.index import _slice as _mkslice
 from kiln.ops.reduce import sum_to
 from kiln.ops.registry import primitive
 from kiln.tensor import Size, Tensor, normalize_dim
@@ -544,34 +546,11 @@ def broadcast_tensors(*tensors) -> tuple:
 
 
 # -- basic slicing -------------------------------------------------------------------------------
+# One primitive serves all basic slicing: ``index_view`` (kiln.ops.index), the view behind
+# ``x[1:3, 0]``; the helpers here build its normalized index.
 
-def _slices(starts, stops, steps) -> tuple:
-    return tuple(map(builtins.slice, starts, stops, steps))
-
-
-@primitive("slice", traits={"view"})
-def _slice(x, starts, stops, steps):
-    return x[_slices(starts, stops, steps)]
-
-
-@_slice.def_vjp
-def _slice_vjp(g, node):
-    a = node.attrs
-    return (_slice_backward(g, shape=node.inputs[0]._data.shape, starts=a["starts"],
-                            stops=a["stops"], steps=a["steps"]),)
-
-
-@primitive("slice_backward")
-def _slice_backward(g, shape, starts, stops, steps):
-    out = np.zeros(shape, g.dtype)
-    out[_slices(starts, stops, steps)] = g
-    return out
-
-
-@_slice_backward.def_vjp
-def _slice_backward_vjp(gg, node):
-    a = node.attrs
-    return (_slice(gg, starts=a["starts"], stops=a["stops"], steps=a["steps"]),)
+def _full_slices(shape, d: int) -> tuple:
+    return tuple([_mkslice(0, n, 1) for n in shape[:d]])
 
 
 def basic_slice(x: Tensor, starts, stops, steps) -> Tensor:
@@ -582,12 +561,10 @@ def basic_slice(x: Tensor, starts, stops, steps) -> Tensor:
     Returns ``x`` itself when every slice is the full range.
     """
     shape = x._data.shape
-    starts = tuple(starts)
-    stops = tuple([max(b, a) for a, b in zip(starts, stops)])
-    steps = tuple(steps)
-    if stops == shape and not builtins.any(starts) and builtins.all(s == 1 for s in steps):
-        return x
-    return _slice(x, starts=starts, stops=stops, steps=steps)
+    index = [_mkslice(a, builtins.max(a, b), s) for a, b, s in zip(starts, stops, steps)]
+    while index and index[-1] == (0, shape[len(index) - 1], 1):
+        index.pop()  # trailing full slices change nothing (and keep the index canonical)
+    return _index_view(x, index=tuple(index)) if index else x
 
 
 def _slice_dim(x: Tensor, d: int, start: int, stop: int) -> Tensor:
@@ -595,12 +572,7 @@ def _slice_dim(x: Tensor, d: int, start: int, stop: int) -> Tensor:
     shape = x._data.shape
     if start == 0 and stop == shape[d]:
         return x
-    nd = len(shape)
-    starts = [0] * nd
-    starts[d] = start
-    stops = list(shape)
-    stops[d] = stop
-    return _slice(x, starts=tuple(starts), stops=tuple(stops), steps=(1,) * nd)
+    return _index_view(x, index=_full_slices(shape, d) + (_mkslice(start, stop, 1),))
 
 
 def narrow(input: Tensor, dim: int, start, length: int) -> Tensor:
@@ -715,12 +687,12 @@ def tensor_split(input: Tensor, indices_or_sections, dim: int = 0) -> tuple:
 
 def _split_along(input, sections, d: int, op: str, min_dim: int):
     if input._data.ndim < min_dim:
-        raise RuntimeError(f"torch.{op} requires a tensor with at least {min_dim} dimension, but "
+        raise RuntimeError(f"kiln.{op} requires a tensor with at least {min_dim} dimension, but "
                            f"got a tensor with {input._data.ndim} dimensions!")
     if isinstance(sections, numbers.Integral):
         n = input._data.shape[d]
         if sections == 0 or n % sections:
-            raise RuntimeError(f"torch.{op} attempted to split along dimension {d}, but the size "
+            raise RuntimeError(f"kiln.{op} attempted to split along dimension {d}, but the size "
                                f"of the dimension {n} is not divisible by the split_size "
                                f"{sections}!")
     return tensor_split(input, sections, d)
@@ -745,9 +717,8 @@ def unbind(input: Tensor, dim: int = 0) -> tuple:
     if not shape:
         raise IndexError("unbind: Dimension specified as 0 but tensor has no dimensions")
     d = _dim(dim, len(shape), "unbind")
-    rest = shape[:d] + shape[d + 1:]
-    return tuple([_reshape(_slice_dim(input, d, i, i + 1), shape=rest)
-                  for i in range(shape[d])])
+    lead = _full_slices(shape, d)
+    return tuple([_index_view(input, index=lead + (i,)) for i in range(shape[d])])
 
 
 # -- joining -------------------------------------------------------------------------------------
@@ -1102,9 +1073,8 @@ def _pad(x, widths, value):
 def _pad_vjp(g, node):
     widths = node.attrs["widths"]
     shape = node.inputs[0]._data.shape
-    starts = tuple([lo for lo, _ in widths])
-    stops = tuple([lo + n for n, (lo, _) in zip(shape, widths)])
-    return (_slice(g, starts=starts, stops=stops, steps=(1,) * len(shape)),)
+    stops = [lo + n for n, (lo, _) in zip(shape, widths)]
+    return (basic_slice(g, [lo for lo, _ in widths], stops, [1] * len(shape)),)
 
 
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")

@@ -729,8 +729,9 @@ def test_double_backward(k):
     np.testing.assert_allclose(got[0][1], got[1][1], **F64)
 
 
-def test_slice_backward_forward():
-    """slice_backward (the gradient of slice) as a forward op, and its own gradient."""
+def test_basic_slice_gradient_as_a_forward_op():
+    """The gradient of a strided basic slice (an index_view) as a forward op, and its own
+    gradient."""
     def fn(lib, x):
         y = basic_slice(x, (1, 0), (5, 6), (2, 3)) if lib is kiln else x[1:5:2, ::3]
         return lib.autograd.grad((y * y).sum(), x, create_graph=True)[0]
@@ -739,8 +740,8 @@ def test_slice_backward_forward():
     check_op(fn, [randn(5, 6)], **F32)
 
 
-def test_slice_backward_double_backward():
-    """Gradient of the slice gradient: slice_backward's own VJP is slice again."""
+def test_basic_slice_double_backward():
+    """Gradient of the slice gradient (index_put into zeros, whose VJP is index_view again)."""
     x0 = randn(5, 6, dtype=np.float64)
     got = []
     for lib in (kiln, torch):

@@ -131,7 +131,10 @@ class _Conv(_ConvNd):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return self._conv_forward(input, self.weight, self.bias)
+        try:
+            return self._conv_forward(input, self.weight, self.bias)
+        except RuntimeError as e:  # e.g. an image smaller than the kernel: name the layer
+            raise RuntimeError(f"{self!r} on input of shape {list(input.shape)}: {e}") from None
 
 
 class Conv1d(_Conv):

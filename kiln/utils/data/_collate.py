@@ -50,6 +50,21 @@ def _stack(batch) -> Tensor:
     return _make(np.stack([t._data for t in batch]).astype(dt, copy=False))
 
 
+def _rebuild_mapping(like, values: dict):
+    """``values`` in a mapping of ``like``'s type, where that type can be rebuilt (else a dict),
+    as PyTorch's collate and convert do."""
+    if type(like) is dict:
+        return values
+    try:
+        if isinstance(like, abc.MutableMapping):
+            clone = copy.copy(like)
+            clone.update(values)
+            return clone
+        return type(like)(values)
+    except TypeError:
+        return values
+
+
 def default_collate(batch):
     """Merge a list of samples into a batch, structure-preserving, exactly as PyTorch does.
 
@@ -80,17 +95,8 @@ def default_collate(batch):
     if isinstance(elem, (str, bytes)):
         return batch
     if isinstance(elem, abc.Mapping):
-        collated = {key: default_collate([d[key] for d in batch]) for key in elem}
-        if type(elem) is dict:
-            return collated
-        try:
-            if isinstance(elem, abc.MutableMapping):
-                clone = copy.copy(elem)
-                clone.update(collated)
-                return clone
-            return type(elem)(collated)
-        except TypeError:
-            return collated
+        return _rebuild_mapping(elem, {key: default_collate([d[key] for d in batch])
+                                       for key in elem})
     if _is_namedtuple(elem):
         return type(elem)(*(default_collate(s) for s in zip(*batch)))
     if isinstance(elem, abc.Sequence):
@@ -121,17 +127,7 @@ def default_convert(data):
     if isinstance(data, (str, bytes)):
         return data
     if isinstance(data, abc.Mapping):
-        converted = {k: default_convert(v) for k, v in data.items()}
-        if type(data) is dict:
-            return converted
-        try:
-            if isinstance(data, abc.MutableMapping):
-                clone = copy.copy(data)
-                clone.update(converted)
-                return clone
-            return type(data)(converted)
-        except TypeError:
-            return converted
+        return _rebuild_mapping(data, {k: default_convert(v) for k, v in data.items()})
     if _is_namedtuple(data):
         return type(data)(*(default_convert(d) for d in data))
     if isinstance(data, tuple):
