@@ -41,8 +41,10 @@ def _to_array(data, dtype, copy: bool) -> np.ndarray:
         except ValueError as e:
             raise ValueError(f"tensor(): could not build a tensor from the data: {e}") from None
         src = data
+        if arr.dtype.kind in "US":  # PyTorch: a ValueError for strings
+            raise ValueError(f"tensor(): strings are not numbers (got {str(data)[:40]!r})")
         if arr.dtype == object:
-            raise TypeError(
+            raise RuntimeError(
                 f"tensor(): could not infer a dtype for the data (got {type(data).__name__} "
                 "holding non-numeric or ragged values)"
             )
@@ -188,6 +190,8 @@ def arange(start, end=None, step=1, *, dtype=None, device=None,
     else:
         d = dtypes.as_dtype(dtype)
     start, end, step = (float(v) if isinstance(v, Tensor) else v for v in vals)
+    if not all(np.isfinite(v) for v in (start, end, step)):
+        raise RuntimeError(f"arange: unsupported range: {start} -> {end} (step {step})")
     n = max(0, int(np.ceil((end - start) / step)))
     arr = (start + np.arange(n, dtype=np.float64) * step).astype(d.np)
     return _factory(arr, requires_grad)

@@ -95,6 +95,8 @@ def randperm(n: int, *, generator=None, dtype=None, device=None,
              requires_grad: bool = False) -> Tensor:
     """A random permutation of 0..n-1."""
     d = dtypes.as_dtype(dtype) if dtype is not None else dtypes.int64
+    if n < 0:
+        raise RuntimeError(f"randperm: n must be non-negative, got {n}")
     return _factory(_rng(generator).permutation(int(n)).astype(d.np), requires_grad)
 
 

@@ -118,3 +118,17 @@ def test_unbind_and_split_gradients_match_pytorch():
              [randn(2, 3, 4)], atol=1e-6, rtol=1e-6)
     check_op(lambda lib, x: lib.cat([t * (i + 1) for i, t in enumerate(x.split([1, 3], -1))], -1),
              [randn(2, 3, 4, dtype=np.float64)], atol=1e-12, rtol=1e-12)
+
+
+# -- factory and one_hot argument errors: PyTorch's classes ----------------------------------
+@pytest.mark.parametrize("fn", [
+    lambda lib: lib.randperm(-1),
+    lambda lib: lib.arange(0, float("inf")),
+    lambda lib: lib.arange(0, float("nan")),
+    lambda lib: lib.tensor(None),
+    lambda lib: lib.tensor([None, 1]),
+    lambda lib: lib.tensor(["a", "b"]),
+    lambda lib: lib.nn.functional.one_hot(lib.tensor([1]), 2.5),
+])
+def test_bad_factory_arguments_raise_pytorchs_exception_class(fn):
+    check_exception(fn)

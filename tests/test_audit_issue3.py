@@ -61,6 +61,7 @@ def test_rnn_with_1d_input_reports_the_shape():
 
 # -- a corrupt checkpoint header is reported as corrupt ------------------------------------------
 def _checkpoint() -> bytes:
+    kiln.manual_seed(0)
     m = kiln.nn.Sequential(kiln.nn.Linear(3, 4), kiln.nn.BatchNorm1d(4), kiln.nn.Linear(4, 2))
     opt = kiln.optim.AdamW(m.parameters(), lr=1e-3)
     m(kiln.randn(5, 3)).sum().backward()
@@ -77,20 +78,16 @@ def test_flipped_bits_anywhere_in_a_checkpoint_are_reported():
     # bits in the tensor names, dtypes, shapes, offsets and the skeleton (learning rates,
     # step counts, key names), not only in the tensor data
     positions = list(range(8, 8 + n, 3)) + list(rs.randint(8 + n, len(raw), 200))
-    loaded_silently = []
+    fmt = raw.index(b'"format":"pt"')  # the one entry no checksum covers (PyTorch's marker)
     for i in positions:
+        if fmt <= i < fmt + len(b'"format":"pt"'):
+            continue
+        if 8 + n > i >= 8 and raw[i] == ord(" "):  # safetensors' header padding
+            continue
         b = bytearray(raw)
         b[i] ^= 1 << (i % 7)
-        if 8 + n > i >= 8 and chr(raw[i]) == " ":  # safetensors' header padding
-            continue
-        try:
+        with pytest.raises(RuntimeError, match="not a valid safetensors checkpoint"):
             kiln.load(io.BytesIO(bytes(b)))
-        except RuntimeError as e:
-            assert "not a valid safetensors checkpoint" in str(e)
-        else:
-            loaded_silently.append(raw[max(0, i - 20):i + 5])
-    # only the unchecked '"format":"pt"' entry may change without notice
-    assert all(b'format' in ctx or b'"pt"' in ctx for ctx in loaded_silently), loaded_silently
 
 
 def test_unknown_dtype_in_header_is_corruption_but_bf16_is_unsupported():

@@ -1194,6 +1194,9 @@ def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
     a = tensor._data
     if a.dtype != _I64:
         raise RuntimeError("one_hot is only applicable to index tensor of type LongTensor.")
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool):
+        raise TypeError(f"one_hot(): argument 'num_classes' (position 2) must be int, not "
+                        f"{type(num_classes).__name__}")
     if a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0:
