@@ -3,7 +3,7 @@ shared/bench-workloads.md (spec version 1).
 
     bash bench/setup_peers.sh       # once: a venv per peer under bench/.venvs/
     python bench/run.py             # full suite: every peer and mode, matmul probe, 3 rounds
-    python bench/run.py --quick     # Kiln eager vs PyTorch eager on mlp, cnn, gpt (~2 min)
+    python bench/run.py --quick     # Kiln eager vs PyTorch eager on mlp, cnn, gpt (< 1 min idle)
     python bench/run.py --peers kiln:eager jax:jit --workloads gpt --rounds 2
     python bench/run.py --report bench/results/<file>.jsonl   # re-render a report
 
@@ -213,7 +213,11 @@ def main(argv=None) -> None:
             print(text)
         return
     if args.report:
-        print(report.render(report.load_jsonl(args.report)))
+        text = report.render(report.load_jsonl(args.report))
+        png = os.path.splitext(args.report)[0] + ".png"
+        if os.path.exists(png):
+            text += f"\n![steps/s per workload and framework]({os.path.basename(png)})\n"
+        print(text)
         return
 
     train, probe = default_pairs()

@@ -6,7 +6,7 @@
 #
 #   torch  torch==2.13.0+cpu (the CPU wheel, never the CUDA build), numpy, threadpoolctl,
 #          matplotlib (the runner draws its plot with this interpreter)
-#   tf     tensorflow-cpu, numpy, threadpoolctl
+#   tf     tensorflow-cpu (tensorflow where no -cpu wheel exists), numpy, threadpoolctl
 #   jax    jax[cpu], optax, numpy, threadpoolctl
 #
 # Kiln itself runs in the interpreter that runs bench/run.py (where kiln is installed, e.g. by
@@ -56,7 +56,8 @@ assert "+cpu" in torch.__version__ and not torch.cuda.is_available(), torch.__ve
 print("torch", torch.__version__, "numpy", numpy.__version__, "matplotlib", matplotlib.__version__)'
       ;;
     tf)
-      pip_install tensorflow-cpu numpy threadpoolctl
+      # tensorflow-cpu has no wheel for some Python versions: then the plain (CPU-capable) one
+      pip_install tensorflow-cpu numpy threadpoolctl || pip_install tensorflow numpy threadpoolctl
       check='import tensorflow as tf, numpy, threadpoolctl
 print("tensorflow", tf.__version__, "keras", tf.keras.__version__, "numpy", numpy.__version__)'
       ;;
@@ -69,7 +70,12 @@ print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "optax", optax.__ver
     *) echo "unknown peer $peer (expected torch, tf or jax)" >&2; return 2 ;;
   esac
   local got
-  got=$(TF_CPP_MIN_LOG_LEVEL=2 "$venv/bin/python" -c "$check" 2>&1 | tail -1)
+  if ! got=$(TF_CPP_MIN_LOG_LEVEL=2 "$venv/bin/python" -c "$check" 2>&1); then
+    echo "$got" >&2
+    echo "== $peer: import check FAILED" >&2
+    return 1
+  fi
+  got=$(tail -1 <<< "$got")
   local secs=$(( $(date +%s) - t0 )) size
   size=$(du -sh "$venv" | cut -f1)
   {
