@@ -201,9 +201,7 @@ def _run(roots, retain_graph, create_graph, targets=None):
         n = heapq.heappop(heap)[1]
         g = node_grads.pop(n)
         if plain and n.hooks is None and n.retains is None:
-            if n.inputs is None:
-                raise RuntimeError(_FREED)
-            if n.versions or n.out_data is not None:
+            if n.inputs is None or n.versions:  # freed, or saved inputs to verify
                 n._check_saved()
             grads = n.prim.vjp(g, n)
         else:
