@@ -197,9 +197,12 @@ def _run(roots, retain_graph, create_graph, targets=None):
     plain = targets is None
     owned: dict = {}  # gradient arrays this walk created (kept alive so ids stay unique)
 
+    tracer = STATE.tracer
     while heap:
         n = heapq.heappop(heap)[1]
         g = node_grads.pop(n)
+        if tracer is not None:  # graph nodes made by this VJP are located at n's forward line
+            tracer.backward_of(n)
         if plain and n.hooks is None and n.retains is None:
             if n.inputs is None or n.versions:  # freed, or saved inputs to verify
                 n._check_saved()
@@ -226,6 +229,8 @@ def _run(roots, retain_graph, create_graph, targets=None):
             n.inputs = None  # free saved values, as PyTorch does
             n.out_data = None
 
+    if tracer is not None:
+        tracer.backward_of(None)
     for leaf, g in leaf_grads.values():
         if leaf._hooks:
             for hook in leaf._hooks:
@@ -241,7 +246,7 @@ def _run(roots, retain_graph, create_graph, targets=None):
 
 def _sum_grads(acc: Tensor, g: Tensor, owned: dict, create_graph: bool) -> Tensor:
     """acc + g; without create_graph, add into a buffer this walk owns instead of dispatching."""
-    if create_graph:
+    if create_graph or STATE.tracer is not None:  # traced: the sum must be a graph node
         return acc + g
     a = acc._data
     if id(a) in owned:
@@ -306,6 +311,8 @@ def _accumulate(leaf: Tensor, g: Tensor, create_graph: bool) -> None:
         )
     if create_graph:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
+    elif STATE.tracer is not None:  # traced: ``.grad`` is set from a graph output after each run
+        STATE.tracer.on_grad(leaf, g)
     elif leaf.grad is None:
         leaf.grad = _make(np.array(g._data, dtype=leaf._data.dtype))  # own copy: g may be shared
     else:

@@ -49,6 +49,8 @@ def apply(prim, inputs: tuple, attrs: dict) -> Tensor:
                 if out.dtype.kind == "f":
                     _record(prim, inputs, attrs, t)
                 break
+    if _STATE.tracer is not None:
+        _STATE.tracer.record(prim, inputs, attrs, t)
     if OBSERVERS:
         for fn in OBSERVERS:
             fn(prim, inputs, attrs, t)
@@ -80,7 +82,7 @@ def apply_inplace(prim, target: Tensor, others: tuple, attrs: dict) -> Tensor:
         result = apply(prim, (src, *others), attrs)
     else:
         fast = prim.inplace_impl
-        if fast is not None and target._data.flags.writeable and all(
+        if fast is not None and STATE.tracer is None and target._data.flags.writeable and all(
                 o._data.dtype == target._data.dtype for o in others):
             try:  # write straight into target's storage: no temporary, no copy
                 fast(target._data, *[o._data for o in others], **attrs)
@@ -139,6 +141,8 @@ def write_into(target: Tensor, result: Tensor, op: str) -> None:
             f"{op}: cannot write into this tensor: it is a read-only view (from expand or "
             "broadcasting); call .clone() first"
         )
+    if STATE.tracer is not None:
+        STATE.tracer.on_write(target, result, op)
     np.copyto(target._data, result._data, casting="unsafe")
     target._version[0] += 1
 

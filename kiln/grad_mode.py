@@ -6,10 +6,11 @@ import functools
 
 
 class _State:
-    __slots__ = ("grad_enabled",)
+    __slots__ = ("grad_enabled", "tracer")
 
     def __init__(self):
         self.grad_enabled = True
+        self.tracer = None  # the active kiln.graph.capture.Tracer while kiln.compile traces
 
 
 STATE = _State()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln import dtypes
+from kiln.grad_mode import STATE
 from kiln.creation import _factory, _float_or, _shape
 from kiln.tensor import Tensor
 
@@ -48,6 +49,15 @@ def _rng(generator) -> np.random.Generator:
     return (generator or default_generator).rng
 
 
+def _untraced(op: str) -> None:
+    """Random factories draw once, at trace time: inside kiln.compile that would freeze them."""
+    tracer = STATE.tracer
+    if tracer is not None:
+        tracer.unsupported(
+            f"kiln.{op}() inside a compiled function would draw its numbers once, at trace "
+            "time; create random tensors outside and pass them in (dropout is supported)")
+
+
 def manual_seed(seed: int) -> Generator:
     """Seed the default generator so that later random calls repeat exactly."""
     return default_generator.manual_seed(seed)
@@ -63,6 +73,7 @@ def initial_seed() -> int:
 
 def rand(*size, generator=None, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     """Uniform samples on [0, 1)."""
+    _untraced("rand")
     d = _float_or(dtype)
     return _factory(_rng(generator).random(_shape(size), dtype=np.float64).astype(d),
                     requires_grad)
@@ -70,6 +81,7 @@ def rand(*size, generator=None, dtype=None, device=None, requires_grad: bool = F
 
 def randn(*size, generator=None, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     """Standard normal samples."""
+    _untraced("randn")
     d = _float_or(dtype)
     return _factory(_rng(generator).standard_normal(_shape(size)).astype(d), requires_grad)
 
@@ -77,6 +89,7 @@ def randn(*size, generator=None, dtype=None, device=None, requires_grad: bool = 
 def randint(low, high=None, size=None, *, generator=None, dtype=None, device=None,
             requires_grad: bool = False) -> Tensor:
     """Integers uniform on [low, high); ``randint(high, size)`` starts at 0."""
+    _untraced("randint")
     if size is None:
         if high is None or not isinstance(high, (tuple, list)):
             raise TypeError("randint() missing required argument 'size'")
@@ -94,6 +107,7 @@ def randint(low, high=None, size=None, *, generator=None, dtype=None, device=Non
 def randperm(n: int, *, generator=None, dtype=None, device=None,
              requires_grad: bool = False) -> Tensor:
     """A random permutation of 0..n-1."""
+    _untraced("randperm")
     d = dtypes.as_dtype(dtype) if dtype is not None else dtypes.int64
     if n < 0:
         raise RuntimeError(f"randperm: n must be non-negative, got {n}")
@@ -103,6 +117,7 @@ def randperm(n: int, *, generator=None, dtype=None, device=None,
 def normal(mean=0.0, std=1.0, size=None, *, generator=None, dtype=None, device=None,
            requires_grad: bool = False) -> Tensor:
     """Normal samples; ``mean`` and ``std`` may be tensors (broadcast) or numbers."""
+    _untraced("normal")
     m = mean._data if isinstance(mean, Tensor) else mean
     s = std._data if isinstance(std, Tensor) else std
     if np.any(np.asarray(s) < 0):

@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from kiln import dtypes
+from kiln.grad_mode import STATE as _STATE
 
 
 class Size(tuple):
@@ -224,6 +225,7 @@ class Tensor:
                 "Can't call numpy() on Tensor that requires grad. "
                 "Use tensor.detach().numpy() instead."
             )
+        _concrete(self, "numpy()")
         return self._data
 
     def item(self):
@@ -232,12 +234,15 @@ class Tensor:
             raise RuntimeError(
                 f"a Tensor with {self._data.size} elements cannot be converted to Scalar"
             )
+        _concrete(self, "item()")
         return self._data.reshape(()).item()
 
     def tolist(self):
+        _concrete(self, "tolist()")
         return self._data.tolist()
 
     def __array__(self, dtype=None, copy=None):
+        _concrete(self, "numpy.asarray()")
         return self._data if dtype is None else self._data.astype(dtype)
 
     def __float__(self) -> float:
@@ -257,6 +262,7 @@ class Tensor:
                 f"Boolean value of Tensor with {'no' if self._data.size == 0 else 'more than one'}"
                 " value is ambiguous"
             )
+        _concrete(self, "bool()")
         return bool(self._data.reshape(()))
 
     def __len__(self) -> int:
@@ -325,7 +331,15 @@ def _make(arr: np.ndarray) -> Tensor:
     t._version = [0]
     t._base = None
     t._hooks = None
+    if _STATE.tracer is not None:
+        _STATE.tracer.on_make(t)
     return t
+
+
+def _concrete(t: Tensor, what: str) -> None:
+    """Reading a value in Python: an error while kiln.compile traces, if the value is traced."""
+    if _STATE.tracer is not None:
+        _STATE.tracer.on_read(t, what)
 
 
 def normalize_dim(dim, ndim: int, op: str = "") -> int:

@@ -1894,7 +1894,8 @@ def copy_(self, src, non_blocking=False):
     """Overwrite ``self`` with ``src`` broadcast to its shape and cast to its dtype; the
     gradient flows to ``src``."""
     _tensor(src, "copy_", "src")
-    if not (STATE.grad_enabled and (self._rg or src._rg)) and self._data.flags.writeable:
+    if (not (STATE.grad_enabled and (self._rg or src._rg)) and self._data.flags.writeable
+            and STATE.tracer is None):
         try:
             np.copyto(self._data, src._data, casting="unsafe")
         except ValueError:
@@ -1922,7 +1923,8 @@ def zero_(self):
 
 def _fill(self: Tensor, value: Tensor) -> Tensor:
     """Overwrite ``self`` with the 0-d ``value`` of its dtype; without autograd, directly."""
-    if (STATE.grad_enabled and (self._rg or value._rg)) or not self._data.flags.writeable:
+    if ((STATE.grad_enabled and (self._rg or value._rg)) or not self._data.flags.writeable
+            or STATE.tracer is not None):
         return apply_inplace(_copy, self, (value,), {})
     self._data[...] = value._data
     self._version[0] += 1

@@ -596,7 +596,7 @@ def setitem(self: Tensor, key, value) -> None:
     target = _adv_shape(view.shape, indices._data.shape[1:], dims) if dims else view.shape
     if v._data.shape and v._data.shape != target:
         v = _fit_value(v, target)
-    if not (STATE.grad_enabled and (self._rg or v._rg)):
+    if not (STATE.grad_enabled and (self._rg or v._rg)) and STATE.tracer is None:
         # Nothing to record: write straight into the storage (no full-size copies).
         if not data.flags.writeable:
             raise RuntimeError(

@@ -515,8 +515,8 @@ class Module:
                     g.detach_()
                 else:
                     g._rg = False
-                g._data[...] = 0
-                g._version[0] += 1
+                with no_grad():
+                    g.zero_()
 
     # -- dtype and device ----------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True) -> Module:

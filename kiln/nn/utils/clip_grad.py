@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from kiln import dtypes
+from kiln.grad_mode import STATE
 from kiln.tensor import Tensor, _make
 
 __all__ = ["clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "get_total_norm",
@@ -47,11 +48,13 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     norm_type = float(norm_type)
     if not tensors:
         return _make(np.array(0.0, dtypes.get_default_dtype().np))
-    norms = np.array([_vector_norm(t._data, norm_type) for t in tensors])
-    total = _vector_norm(norms, norm_type)
     dt = tensors[0].dtype
     for t in tensors[1:]:
         dt = dtypes.promote_types(dt, t.dtype)
+    if STATE.tracer is not None:
+        return _traced_total_norm(tensors, norm_type, error_if_nonfinite, dt)
+    norms = np.array([_vector_norm(t._data, norm_type) for t in tensors])
+    total = _vector_norm(norms, norm_type)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is "
@@ -65,6 +68,12 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: Tensor, forea
     """Scale every gradient by ``min(max_norm / (total_norm + 1e-6), 1)`` in place."""
     grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
     if not grads:
+        return
+    if STATE.tracer is not None:  # inside kiln.compile: the same formula as graph ops
+        tn = total_norm if isinstance(total_norm, Tensor) else _make(np.asarray(total_norm))
+        coef = (tn.double() + 1e-6).reciprocal().mul(float(max_norm)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
         return
     tn = total_norm._data if isinstance(total_norm, Tensor) else np.asarray(total_norm)
     coef = np.float64(max_norm) / (tn.astype(np.float64) + 1e-6)
@@ -112,6 +121,22 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None) -> None:
     clip_value = float(clip_value)
     for p in _as_list(parameters):
         g = p.grad
-        if g is not None:
+        if g is not None and STATE.tracer is not None:
+            g.clamp_(-clip_value, clip_value)
+        elif g is not None:
             np.clip(g._data, -clip_value, clip_value, out=g._data, casting="unsafe")
             g._version[0] += 1
+
+
+def _traced_total_norm(tensors, p: float, error_if_nonfinite: bool, dt) -> Tensor:
+    """get_total_norm in graph ops (float64 accumulation, as the eager path)."""
+    from kiln.ops.shape import stack
+
+    if error_if_nonfinite:
+        raise RuntimeError(
+            "clip_grad_norm_(error_if_nonfinite=True) inside kiln.compile would need the norm's "
+            "value in Python; pass error_if_nonfinite=False (or clip outside the compiled "
+            "function)"
+        )
+    norms = stack([t.double().norm(p) for t in tensors])
+    return norms.norm(p).to(dt)

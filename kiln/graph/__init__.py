@@ -1,0 +1,1 @@
+"""Graph mode: the IR, capture by tracing, optimization passes and ``kiln.compile``."""
