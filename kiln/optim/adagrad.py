@@ -9,6 +9,9 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
+    hyper,
+    is_capturable,
+    scalar_like,
     step_no_grad,
     to_scalar,
 )
@@ -20,12 +23,15 @@ class Adagrad(Optimizer):
     """Adagrad as PyTorch's single-tensor implementation.
 
     Like PyTorch, the state (``step``, ``sum``) of every parameter is created in the
-    constructor, filled with ``initial_accumulator_value``.
+    constructor, filled with ``initial_accumulator_value``.  ``capturable=True`` (a kiln
+    extension; PyTorch's Adagrad has no such flag) takes the path ``kiln.compile`` traces: the
+    decayed learning rate is a float64 0-d tensor computed from the step counter.
     """
 
     def __init__(self, params, lr=1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach=None, *,
-                 maximize: bool = False, differentiable: bool = False, fused=None) -> None:
+                 maximize: bool = False, differentiable: bool = False, fused=None,
+                 capturable: bool = False) -> None:
         check_lr(lr)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
@@ -43,6 +49,8 @@ class Adagrad(Optimizer):
             "initial_accumulator_value": initial_accumulator_value, "foreach": foreach,
             "maximize": maximize, "differentiable": differentiable, "fused": fused,
         }
+        if capturable:  # stored only when set, so defaults and state dicts stay PyTorch's
+            defaults["capturable"] = True
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -60,7 +68,8 @@ class Adagrad(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = to_scalar(group["lr"])
+            cap = is_capturable(group)
+            lr = hyper(group, "lr") if cap else to_scalar(group["lr"])
             weight_decay = group["weight_decay"]
             lr_decay = group["lr_decay"]
             eps = group["eps"]
@@ -74,7 +83,8 @@ class Adagrad(Optimizer):
                     self._init_state(state, p)
                 step_t = state["step"]
                 step_t.add_(1)
-                step = step_t.item()
+                # capturable: a float64 0-d tensor, so clr is computed in float64 as eagerly
+                step = step_t.double() if cap else step_t.item()
                 if maximize:
                     grad = _ew.neg(grad)
                 if weight_decay != 0:
@@ -83,5 +93,6 @@ class Adagrad(Optimizer):
                 state_sum = state["sum"]
                 state_sum.addcmul_(grad, grad)
                 std = state_sum.sqrt().add(eps)
-                p.addcdiv_(grad, std, value=-clr)
+                # as addcdiv_(grad, std, value=-clr), with clr possibly a tensor
+                p.sub_(grad.mul(scalar_like(clr, grad)).div(std))
         return loss

@@ -10,6 +10,9 @@ from kiln.optim.optimizer import (
     check_lr,
     check_nonneg,
     eval_closure,
+    hyper,
+    is_capturable,
+    scalar_like,
     step_no_grad,
     to_scalar,
 )
@@ -21,8 +24,10 @@ __all__ = ["Adam", "AdamW"]
 class Adam(Optimizer):
     """Adam (Kingma & Ba) with optional L2 ``weight_decay``, ``amsgrad`` and ``maximize``.
 
-    With ``decoupled_weight_decay=True`` it is AdamW.  ``foreach``, ``fused`` and
-    ``capturable`` are accepted for compatibility and select the same implementation.
+    With ``decoupled_weight_decay=True`` it is AdamW.  ``foreach`` and ``fused`` are accepted
+    for compatibility.  ``capturable=True`` (and tracing by ``kiln.compile``) computes the bias
+    corrections with tensor ops on the step counter and reads ``lr`` through ``hyper``, so
+    nothing is read back into Python; the results agree with the default path.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -66,7 +71,8 @@ class Adam(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             beta1, beta2 = to_scalar(beta1), to_scalar(beta2)
-            lr = to_scalar(group["lr"])
+            cap = is_capturable(group)
+            lr = hyper(group, "lr") if cap else to_scalar(group["lr"])
             weight_decay = group["weight_decay"]
             eps = group["eps"]
             amsgrad = group["amsgrad"]
@@ -74,7 +80,8 @@ class Adam(Optimizer):
             decoupled = group["decoupled_weight_decay"]
             one_minus_beta1 = 1 - beta1
             one_minus_beta2 = 1 - beta2
-            decay = 1 - lr * weight_decay
+            if decoupled and weight_decay != 0:  # a tensor op when lr is one (capturable)
+                decay = 1 - lr * weight_decay
             cached_step = None
             for p in group["params"]:
                 grad = p.grad
@@ -85,7 +92,9 @@ class Adam(Optimizer):
                     self._init_state(state, p, amsgrad)
                 step_t = state["step"]
                 step_t.add_(1)
-                step = step_t.item()
+                # capturable: a float64 0-d tensor, so the bias corrections below are computed
+                # in float64 as from the Python float
+                step = step_t.double() if cap else step_t.item()
                 if maximize:
                     grad = _ew.neg(grad)
                 if weight_decay != 0:
@@ -97,9 +106,10 @@ class Adam(Optimizer):
                 exp_avg_sq = state["exp_avg_sq"]
                 exp_avg.lerp_(grad, one_minus_beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
-                # Bias corrections are Python floats (PyTorch's non-capturable path); params of a
-                # group almost always share their step, so compute them once per group.
-                if step != cached_step:
+                # Bias corrections are Python floats (PyTorch's non-capturable path) or float64
+                # 0-d tensors (capturable); params of a group almost always share their step,
+                # so the floats are computed once per group.
+                if cap or step != cached_step:
                     cached_step = step
                     step_size = lr / (1 - beta1**step)
                     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
@@ -108,10 +118,12 @@ class Adam(Optimizer):
                 if amsgrad:
                     max_sq = state["max_exp_avg_sq"]
                     max_sq.copy_(_ew.maximum(max_sq, exp_avg_sq))
-                    denom = (max_sq.sqrt() / bias_correction2_sqrt).add(eps)
+                    sq = max_sq
                 else:
-                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
+                    sq = exp_avg_sq
+                denom = (sq.sqrt() / scalar_like(bias_correction2_sqrt, p)).add(eps)
+                # as addcdiv_(exp_avg, denom, value=-step_size), with step_size possibly a tensor
+                p.sub_(exp_avg.mul(scalar_like(step_size, p)).div(denom))
         return loss
 
     def __setstate__(self, state) -> None:

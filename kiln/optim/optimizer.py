@@ -12,7 +12,7 @@ from typing import Any
 from kiln.grad_mode import STATE
 from kiln.tensor import Tensor
 
-__all__ = ["Optimizer", "required"]
+__all__ = ["Optimizer", "hyper", "is_capturable", "required", "scalar_like"]
 
 
 class _RequiredParameter:
@@ -34,6 +34,31 @@ def _typename(obj) -> str:
 def to_scalar(x):
     """A hyper-parameter given as a one-element tensor (lr, betas) as a Python float."""
     return x.item() if isinstance(x, Tensor) else x
+
+
+def is_capturable(group: dict) -> bool:
+    """True when ``group`` must be stepped with tensor ops only: built with
+    ``capturable=True``, or ``kiln.compile`` is tracing the step."""
+    return STATE.tracer is not None or group.get("capturable", False)
+
+
+def hyper(group: dict, name: str):
+    """Hyper-parameter ``name`` of ``group`` for the capturable path: the value as stored,
+    or while tracing a 0-d float64 tensor that the compiled step reads from the group at
+    every call (so a scheduler's changes take effect)."""
+    tracer = STATE.tracer
+    if tracer is None:
+        return group[name]
+    return tracer.lift(group, name)
+
+
+def scalar_like(value, t: Tensor):
+    """``value`` (a number, or on the capturable path a 0-d tensor) to combine with ``t``: a
+    tensor is cast to ``t``'s dtype, because a 0-d float64 factor would promote a 0-d ``t``
+    to float64, where a Python float never does."""
+    if isinstance(value, Tensor) and value.dtype != t.dtype:
+        return value.to(t.dtype)
+    return value
 
 
 def check_lr(lr) -> None:
@@ -281,6 +306,8 @@ class Optimizer:
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None
+                    if STATE.tracer is not None:  # kiln.compile replays this at every run
+                        STATE.tracer.on_zero_grad(p)
             return
         prev = STATE.grad_enabled
         STATE.grad_enabled = False
@@ -302,7 +329,7 @@ class Optimizer:
         raise NotImplementedError
 
     def register_step_pre_hook(self, hook) -> RemovableHandle:
-        """Run ``hook(optimizer, args, kwargs)`` before ``step``; it may return new (args, kwargs)."""
+        """Run ``hook(optimizer, args, kwargs)`` before ``step``; it may return new args."""
         return _add_hook(self._step_pre_hooks, hook)
 
     def register_step_post_hook(self, hook) -> RemovableHandle:

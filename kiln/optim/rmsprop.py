@@ -9,6 +9,9 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
+    hyper,
+    is_capturable,
+    scalar_like,
     step_no_grad,
     to_scalar,
 )
@@ -20,7 +23,8 @@ class RMSprop(Optimizer):
     """RMSprop as PyTorch's single-tensor implementation.
 
     State: ``step``, ``square_avg``, plus ``momentum_buffer`` (momentum > 0) and ``grad_avg``
-    (centered).
+    (centered).  ``capturable=True`` (and tracing by ``kiln.compile``) reads ``lr`` through
+    ``hyper``, so it may be a tensor.
     """
 
     def __init__(self, params, lr=1e-2, alpha: float = 0.99, eps: float = 1e-8,
@@ -50,7 +54,7 @@ class RMSprop(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = to_scalar(group["lr"])
+            lr = hyper(group, "lr") if is_capturable(group) else to_scalar(group["lr"])
             alpha = group["alpha"]
             eps = group["eps"]
             weight_decay = group["weight_decay"]
@@ -87,7 +91,7 @@ class RMSprop(Optimizer):
                 if momentum > 0:
                     buf = state["momentum_buffer"]
                     buf.mul_(momentum).addcdiv_(grad, avg)
-                    p.add_(buf, alpha=-lr)
-                else:
-                    p.addcdiv_(grad, avg, value=-lr)
+                    p.sub_(buf.mul(scalar_like(lr, buf)))
+                else:  # as addcdiv_(grad, avg, value=-lr), with lr possibly a tensor
+                    p.sub_(grad.mul(scalar_like(lr, grad)).div(avg))
         return loss

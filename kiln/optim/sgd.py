@@ -8,6 +8,9 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
+    hyper,
+    is_capturable,
+    scalar_like,
     step_no_grad,
     to_scalar,
 )
@@ -18,6 +21,9 @@ __all__ = ["SGD"]
 class SGD(Optimizer):
     """SGD as PyTorch's single-tensor implementation; ``state[p]["momentum_buffer"]`` is kept
     only when ``momentum != 0``.
+
+    ``capturable=True`` (a kiln extension; PyTorch's SGD has no such flag) takes the path
+    ``kiln.compile`` traces: the learning rate is read through ``hyper`` as a tensor.
 
     >>> import kiln
     >>> w = kiln.tensor([1.0, 2.0], requires_grad=True)
@@ -30,7 +36,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach=None, differentiable: bool = False, fused=None) -> None:
+                 foreach=None, differentiable: bool = False, fused=None,
+                 capturable: bool = False) -> None:
         check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -42,6 +49,8 @@ class SGD(Optimizer):
             "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
             "foreach": foreach, "differentiable": differentiable, "fused": fused,
         }
+        if capturable:  # stored only when set, so defaults and state dicts stay PyTorch's
+            defaults["capturable"] = True
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
@@ -52,13 +61,12 @@ class SGD(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = to_scalar(group["lr"])
+            lr = hyper(group, "lr") if is_capturable(group) else to_scalar(group["lr"])
             weight_decay = group["weight_decay"]
             momentum = group["momentum"]
             dampening = group["dampening"]
             nesterov = group["nesterov"]
             maximize = group["maximize"]
-            neg_lr = -lr
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -81,5 +89,7 @@ class SGD(Optimizer):
                         grad = grad.add(buf, alpha=momentum)
                     else:
                         grad = buf
-                p.add_(grad, alpha=neg_lr)
+                # lr is a float or (capturable) a 0-d tensor, so it is multiplied, not an attr;
+                # this rounds as add_(grad, alpha=-lr) would
+                p.sub_(grad.mul(scalar_like(lr, grad)))
         return loss

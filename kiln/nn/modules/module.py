@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from kiln import dtypes
-from kiln.grad_mode import no_grad
+from kiln.grad_mode import STATE, no_grad
 from kiln.nn.parameter import Buffer, Parameter
 from kiln.tensor import Size, Tensor, _init
 
@@ -151,6 +151,14 @@ class Module:
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if STATE.tracer is not None:  # kiln.compile is tracing: it notes the module and mode
+            return STATE.tracer.call_module(self, args, kwargs)
+        if (self._forward_pre_hooks or self._forward_hooks or _global_forward_pre_hooks
+                or _global_forward_hooks):
+            return self._call_with_hooks(args, kwargs)
+        return self.forward(*args, **kwargs)
+
+    def _call(self, args, kwargs):
         if (self._forward_pre_hooks or self._forward_hooks or _global_forward_pre_hooks
                 or _global_forward_hooks):
             return self._call_with_hooks(args, kwargs)
@@ -510,6 +518,8 @@ class Module:
                 continue
             if set_to_none:
                 p.grad = None
+                if STATE.tracer is not None:
+                    STATE.tracer.on_zero_grad(p)
             else:
                 if g._node is not None:
                     g.detach_()

@@ -1,0 +1,267 @@
+"""Out-kernels: primitives that write their result into a preallocated array, bitwise as impl.
+
+``OUT_KERNELS[name](out, *arrays, **attrs)`` computes exactly what
+``REGISTRY[name].impl(*arrays, **attrs)`` computes, writes it into ``out`` and returns ``out``.
+Every entry is proven bitwise equal to its impl by tests/backends/test_codegen.py.
+
+Metadata read by the code generator:
+
+- ``UFUNCS[name] = (ufunc, extra)``: the kernel is the single call ``ufunc(*arrays, *extra,
+  out=out)``; generated code calls the ufunc directly (no Python frame in between).
+- ``UNSAFE[name]``: input positions that must not share memory with ``out`` (multi-step
+  kernels that read an input after writing ``out``).  Ufuncs and ``np.copyto`` handle overlap
+  themselves (NumPy >= 1.13), so their entries have none.
+- ``writes_out(node)``: whether the executor will write ``node``'s result into a buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from kiln.graph.ir import Node
+from kiln.ops.reduce import _BLAS_FLOATS, _count, _ones
+
+OUT_KERNELS: dict[str, Callable] = {}
+UFUNCS: dict[str, tuple] = {}
+UNSAFE: dict[str, frozenset] = {}
+_ACCEPTS: dict[str, Callable[[Node], bool]] = {}
+
+_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+
+# -- conditions on the node (checked once, when the code is generated) ---------------------------
+
+def _broadcast_ok(n: Node) -> bool:
+    """The node's shape is the broadcast of its inputs' shapes, so ``out=`` cannot hide a
+    different result shape (dims compared as given; a Sym only matches an equal Sym)."""
+    nd = len(n.shape)
+    for i in n.inputs:
+        if len(i.shape) > nd:
+            return False
+    for k in range(1, nd + 1):
+        d = n.shape[-k]
+        dims = [i.shape[-k] for i in n.inputs if len(i.shape) >= k]
+        if not any(x == d for x in dims) and not (d == 1 and all(x == 1 for x in dims)):
+            return False
+        if any(x != d and x != 1 for x in dims):
+            return False
+    return True
+
+
+def _same_dtype(n: Node) -> bool:
+    return all(i.dtype == n.dtype for i in n.inputs) and _broadcast_ok(n)
+
+
+def _same_float(n: Node) -> bool:
+    return n.dtype in _FLOATS and _same_dtype(n)
+
+
+def _same_numeric(n: Node) -> bool:
+    return n.dtype.kind in "fiu" and _same_dtype(n)
+
+
+def _compare(n: Node) -> bool:
+    return (n.dtype == np.bool_ and len({i.dtype for i in n.inputs}) == 1
+            and _broadcast_ok(n))
+
+
+def _logical(n: Node) -> bool:
+    return n.dtype == np.bool_ and all(i.dtype == np.bool_ for i in n.inputs) and _broadcast_ok(n)
+
+
+def _equal_shapes(n: Node) -> bool:
+    return all(i.shape == n.shape for i in n.inputs) and _same_float(n)
+
+
+def _where(n: Node) -> bool:
+    cond, x, y = n.inputs
+    return (cond.dtype == np.bool_ and x.dtype == y.dtype == n.dtype and _broadcast_ok(n))
+
+
+def _cast(n: Node) -> bool:
+    return np.dtype(n.attrs["dtype"]) == n.dtype and n.inputs[0].shape == n.shape
+
+
+def _matmul_ok(n: Node) -> bool:
+    return (n.dtype in _BLAS_FLOATS and all(i.dtype == n.dtype for i in n.inputs)
+            and all(len(i.shape) >= 2 for i in n.inputs))
+
+
+def _linear_ok(n: Node) -> bool:
+    x, w = n.inputs[0], n.inputs[1]
+    if n.dtype not in _BLAS_FLOATS or any(i.dtype != n.dtype for i in n.inputs):
+        return False
+    if len(x.shape) < 2 or len(w.shape) != 2:
+        return False
+    # the bias is added in place into the product, which must already have the full shape
+    return len(n.inputs) == 2 or len(n.inputs[2].shape) <= 1
+
+
+def _sum_ok(n: Node) -> bool:
+    return n.dtype in _BLAS_FLOATS and n.inputs[0].dtype == n.dtype
+
+
+# -- registration --------------------------------------------------------------------------------
+
+def _ufunc(name: str, ufunc, accepts, extra=()) -> None:
+    def kernel(out, *arrays):
+        return ufunc(*arrays, *extra, out=out)
+
+    kernel.__name__ = f"k_{name}"
+    OUT_KERNELS[name] = kernel
+    UFUNCS[name] = (ufunc, tuple(extra))
+    UNSAFE[name] = frozenset()
+    _ACCEPTS[name] = accepts
+
+
+def _kernel(name: str, accepts, unsafe=()):
+    def wrap(fn):
+        fn.__name__ = f"k_{name}"
+        OUT_KERNELS[name] = fn
+        UNSAFE[name] = frozenset(unsafe)
+        _ACCEPTS[name] = accepts
+        return fn
+
+    return wrap
+
+
+for _name, _uf in (("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
+                   ("maximum", np.maximum), ("minimum", np.minimum)):
+    _ufunc(_name, _uf, _same_numeric)
+_ufunc("div", np.true_divide, _same_float)
+_ufunc("neg", np.negative, _same_numeric)
+_ufunc("abs", np.abs, _same_numeric)
+for _name, _uf in (("exp", np.exp), ("expm1", np.expm1), ("log", np.log), ("log1p", np.log1p),
+                   ("log2", np.log2), ("sqrt", np.sqrt), ("sin", np.sin), ("cos", np.cos),
+                   ("tanh", np.tanh), ("floor", np.floor), ("ceil", np.ceil),
+                   ("trunc", np.trunc)):
+    _ufunc(_name, _uf, _same_float)
+_ufunc("relu", np.maximum, _same_numeric, extra=(0,))
+for _name, _uf in (("eq", np.equal), ("ne", np.not_equal), ("lt", np.less),
+                   ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal)):
+    _ufunc(_name, _uf, _compare)
+for _name, _uf in (("logical_not", np.logical_not), ("logical_and", np.logical_and),
+                   ("logical_or", np.logical_or), ("logical_xor", np.logical_xor)):
+    _ufunc(_name, _uf, _logical)
+
+
+@_kernel("cast", _cast)
+def _k_cast(out, x, dtype):
+    np.copyto(out, x, casting="unsafe")  # what astype does, into out
+    return out
+
+
+@_kernel("where", _where, unsafe=(0, 1))
+def _k_where(out, cond, x, y):
+    np.copyto(out, y)
+    np.copyto(out, x, where=cond)
+    return out
+
+
+@_kernel("relu_backward", _same_float, unsafe=())
+def _k_relu_backward(out, g, y):
+    off = y > 0  # computed first, so out may alias y or g
+    np.logical_not(off, out=off)
+    np.copyto(out, g)
+    np.copyto(out, 0, where=off)
+    return out
+
+
+@_kernel("tanh_backward", _equal_shapes, unsafe=(0,))
+def _k_tanh_backward(out, g, y):
+    np.multiply(y, y, out=out)
+    np.subtract(1, out, out=out)
+    np.multiply(out, g, out=out)
+    return out
+
+
+@_kernel("sigmoid_backward", _equal_shapes, unsafe=(0, 1))
+def _k_sigmoid_backward(out, g, y):
+    np.subtract(1, y, out=out)
+    np.multiply(out, y, out=out)
+    np.multiply(out, g, out=out)
+    return out
+
+
+@_kernel("sigmoid", _same_float, unsafe=())
+def _k_sigmoid(out, x):
+    np.negative(x, out=out)  # x is not read again, so out may alias it
+    np.exp(out, out=out)
+    np.add(out, 1, out=out)
+    return np.reciprocal(out, out=out)
+
+
+@_kernel("matmul", _matmul_ok, unsafe=(0, 1))
+def _k_matmul(out, a, b, ta, tb):
+    if ta:
+        a = a.swapaxes(-1, -2)
+    if tb:
+        b = b.swapaxes(-1, -2)
+    if b.ndim == 2 and a.ndim > 2 and not ta:
+        rows = _count(a.shape, range(a.ndim - 1))
+        a2 = a.reshape(rows, a.shape[-1])
+        if out.flags.c_contiguous:
+            np.matmul(a2, b, out=out.reshape(rows, b.shape[1]))
+        else:
+            np.copyto(out, (a2 @ b).reshape(out.shape))
+        return out
+    return np.matmul(a, b, out=out)
+
+
+@_kernel("linear", _linear_ok, unsafe=(0, 1, 2))
+def _k_linear(out, x, w, *bias):
+    if x.ndim > 2:
+        rows = _count(x.shape, range(x.ndim - 1))
+        x2 = x.reshape(rows, x.shape[-1])
+        if out.flags.c_contiguous:
+            np.matmul(x2, w.T, out=out.reshape(rows, w.shape[0]))
+        else:
+            np.copyto(out, (x2 @ w.T).reshape(out.shape))
+    else:
+        np.matmul(x, w.T, out=out)
+    if bias:
+        np.add(out, bias[0], out=out)
+    return out
+
+
+@_kernel("sum", _sum_ok, unsafe=(0,))
+def _k_sum(out, x, axes, keepdims):
+    # the same branches as kiln.ops.reduce._sum_np (float32/float64 only)
+    nd, k = x.ndim, len(axes)
+    if 0 < k < nd and x.flags.c_contiguous and x.size and out.flags.c_contiguous:
+        shape = x.shape
+        if axes[0] == nd - k and axes[-1] == nd - 1:
+            n = _count(shape, axes)
+            if n <= 8192:
+                np.matmul(x.reshape(-1, n), _ones(n, x.dtype), out=out.reshape(-1))
+                return out
+        elif axes[0] == 0 and axes[-1] == k - 1:
+            n = _count(shape, axes)
+            if n <= 8192 and x.size >= 32 * n:
+                np.matmul(_ones(n, x.dtype), x.reshape(n, -1), out=out.reshape(-1))
+                return out
+    elif 0 < k < nd and x.flags.c_contiguous and x.size:
+        # out is not contiguous (an in-place target): let the impl decide, then copy
+        from kiln.ops.reduce import _sum_np
+
+        np.copyto(out, _sum_np(x, axes, keepdims))
+        return out
+    np.add.reduce(x, axis=axes, dtype=x.dtype, keepdims=keepdims, out=out)
+    return out
+
+
+def kernel_accepts(node: Node) -> bool:
+    """True if ``node`` (a primitive node) has an out-kernel valid for its shapes and dtypes."""
+    ok = _ACCEPTS.get(node.op)
+    return ok is not None and ok(node)
+
+
+def writes_out(node: Node) -> bool:
+    """True if the executor writes ``node``'s result into a preallocated buffer: a primitive
+    with an out-kernel that accepts it, or a fused node whose body is made of such primitives."""
+    if node.op == "fused":
+        body = node.attrs["body"]
+        return all(n.op == "const" or kernel_accepts(n) for n in body.nodes)
+    return kernel_accepts(node)

@@ -1,0 +1,282 @@
+"""Capture by tracing: run a function once, eagerly, and record every primitive as a graph node.
+
+The function runs on real tensors (so shapes, validations and Python control flow behave
+exactly as in eager mode) while ``dispatch.apply`` reports each primitive to the active
+``Tracer``.  Tensors the function did not compute are either the function's arguments (graph
+inputs), tensors that existed before the call (parameters, buffers, optimizer state: *captured*
+inputs, read at every run) or constants made during the trace.  In-place writes to captured
+tensors and the ``.grad`` that backward leaves on parameters become graph outputs that the
+compiled function writes back after each run, so the graph stays functional while the user's
+code keeps PyTorch's in-place style.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+
+import numpy as np
+
+from kiln.grad_mode import STATE
+from kiln.graph.ir import Graph, Node
+
+_KILN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class TraceError(RuntimeError):
+    """Something in the traced function cannot be captured as a static graph."""
+
+
+def user_frame(depth: int = 1):
+    """The innermost stack frame outside the kiln package (the user's code), or None."""
+    f = sys._getframe(depth)
+    while f is not None and f.f_code.co_filename.startswith(_KILN_DIR):
+        f = f.f_back
+    return f
+
+
+def user_location(depth: int = 2) -> str:
+    """``file.py:12`` for the user's innermost frame (empty when there is none)."""
+    f = user_frame(depth)
+    if f is None:
+        return ""
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+class Tracer:
+    """Records primitives applied while a function runs; see the module docstring."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the compiled function's name, for messages
+        self.graph = Graph()
+        self.values: dict = {}  # id(tensor) -> Node holding its current value
+        self.keep: list = []  # every tensor seen, so ids stay unique during the trace
+        self.arrays: dict = {}  # id(ndarray) -> Node: detach() and friends alias a value
+        self.created: dict = {}  # id(tensor) -> tensor made during the trace outside primitives
+        self.pending: dict = {}  # id(tensor) -> (tensor, input Node) for created tensors used
+        self.captured: dict = {}  # id(tensor) -> (tensor, input Node): pre-existing tensors
+        self.mutated: dict = {}  # id(tensor) -> (tensor, Node): final values of in-place writes
+        self.grads: dict = {}  # id(leaf) -> leaf whose .grad backward set during the trace
+        self.zeroed: dict = {}  # id(leaf) -> leaf whose .grad was set to None by zero_grad
+        self.grad_none: dict = {}  # id(leaf) -> leaf whose .grad must be None at call time
+        self.lifted: list = []  # (dict, key, input Node, tensor): scalars read at each run
+        self.modules: dict = {}  # id(module) -> module called (their .training is guarded)
+        self.module_stack: list = []
+        self.groups: dict = {}  # id(param group) -> group (its hyper-parameters are guarded)
+        self.saw_backward = False
+        self._bwd_loc = None  # while backward runs: the location of the forward node
+        self._node_locs: dict = {}  # autograd Node -> location of the op that made it
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def add_arg(self, t, name: str) -> Node:
+        """Register a tensor argument of the traced function as a graph input."""
+        n = self.graph.add_input(name, t._data.shape, t._data.dtype, kind="arg")
+        self._bind(t, n)
+        return n
+
+    def lift(self, owner: dict, key: str):
+        """A 0-d float64 tensor standing for ``owner[key]``, read afresh at every run (so an
+        lr scheduler can change a compiled optimizer's learning rate without a recompile)."""
+        from kiln.tensor import _make
+
+        for d, k, _, t in self.lifted:
+            if d is owner and k == key:
+                return t
+        prev, STATE.tracer = STATE.tracer, None
+        try:
+            t = _make(np.array(owner[key], np.float64))
+        finally:
+            STATE.tracer = prev
+        n = self.graph.add_input(key, (), np.float64, kind="lifted")
+        self.lifted.append((owner, key, n, t))
+        self._bind(t, n)
+        if isinstance(owner, dict) and "params" in owner:
+            self.groups[id(owner)] = owner
+        return t
+
+    def _bind(self, t, n: Node) -> None:
+        self.values[id(t)] = n
+        self.arrays[id(t._data)] = n
+        self.keep.append(t)
+
+    def node_of(self, t) -> Node:
+        """The graph value of tensor ``t``, registering it as an input if it is new."""
+        n = self.values.get(id(t))
+        if n is not None:
+            return n
+        if id(t) in self.created:  # made during the trace: a constant, or new state (finalize)
+            n = Node("input", (), {}, t._data.shape, t._data.dtype, name="", kind="created")
+            n.attrs = {"value": np.array(t._data)}  # its value when first read
+            self.pending[id(t)] = (t, n)
+        else:
+            n = self.graph.add_input("", t._data.shape, t._data.dtype, kind="captured")
+            self.captured[id(t)] = (t, n)
+        self._bind(t, n)
+        return n
+
+    # -- hooks called by kiln's eager code while tracing -----------------------------------------
+    def record(self, prim, inputs, attrs, out) -> None:
+        """dispatch.apply ran ``prim``: append a node computing ``out``."""
+        ins = [self.node_of(x) for x in inputs]
+        n = Node(prim.name, ins, dict(attrs), out._data.shape, out._data.dtype, loc=self.loc())
+        self.graph.nodes.append(n)
+        self._bind(out, n)
+        if out._node is not None:
+            self._node_locs[out._node] = n.loc
+
+    def on_make(self, t) -> None:
+        """A tensor was made from an array outside the primitives (constants, detach, ...)."""
+        a = t._data
+        n = self.arrays.get(id(a))
+        if n is not None:  # the same array as a traced value (detach, Node.out): an alias
+            self.values[id(t)] = n
+            self.keep.append(t)
+            return
+        base = a.base
+        while isinstance(base, np.ndarray):
+            if id(base) in self.arrays:
+                self.unsupported(
+                    "an internal kiln function built a tensor from a view of traced data "
+                    "outside the primitive system; please report this as a kiln bug")
+            base = base.base
+        self.created[id(t)] = t
+        self.keep.append(t)
+
+    def on_read(self, t, what: str) -> None:
+        """Python code asks for the value of ``t`` (``.item()``, ``bool()``, ...)."""
+        if id(t) in self.created and id(t) not in self.mutated:
+            n = self.values.get(id(t))
+            if n is None or n.kind == "created":
+                return  # a constant made during the trace: its value is the same at every run
+        raise TraceError(
+            f"{self._where()}{what} reads the value of a tensor inside kiln.compile "
+            f"(tracing {self.name}). A compiled function is traced once and replayed, so "
+            "Python code cannot depend on tensor values. Instead: return the tensor and read "
+            "it outside the compiled function, use tensor ops for data-dependent choices "
+            "(kiln.where(cond, a, b), masks), or run this function eagerly."
+        )
+
+    def on_write(self, target, result, op: str) -> None:
+        """An in-place op wrote ``result`` into ``target`` (dispatch.write_into)."""
+        if target._base is not None:
+            self.unsupported(
+                f"{op}: an in-place write into a view (a slice, reshape or detach() of another "
+                "tensor) cannot be captured; write through the base tensor (x[idx] = value) or "
+                "use the out-of-place op")
+        n = self.node_of(result)
+        if n.dtype != target._data.dtype:
+            n = self._add("cast", [n], {"dtype": target._data.dtype}, n.shape, target._data.dtype)
+        if n.shape != target._data.shape:
+            n = self._add("expand", [n], {"shape": target._data.shape}, target._data.shape,
+                          n.dtype)
+        self.node_of(target)  # make sure its old value is known (captured or constant)
+        self.values[id(target)] = n
+        self.arrays[id(target._data)] = n
+        if id(target) in self.captured or id(target) in self.created:
+            self.mutated[id(target)] = (target, n)
+
+    def on_grad(self, leaf, g) -> None:
+        """Backward accumulates ``g`` into ``leaf.grad`` (the eager path, made traceable)."""
+        from kiln.tensor import _make
+
+        if leaf.grad is None:
+            if id(leaf) not in self.zeroed:
+                self.grad_none[id(leaf)] = leaf  # eager would have added to an existing grad
+            n = self.node_of(g)
+            if n.dtype != leaf._data.dtype:
+                n = self._add("cast", [n], {"dtype": leaf._data.dtype}, n.shape, leaf._data.dtype)
+            prev, STATE.tracer = STATE.tracer, None
+            try:
+                t = _make(np.array(g._data, dtype=leaf._data.dtype))
+            finally:
+                STATE.tracer = prev
+            self._bind(t, n)
+            leaf.grad = t
+        else:
+            from kiln.grad_mode import no_grad
+
+            with no_grad():
+                leaf.grad.add_(g)
+        self.grads[id(leaf)] = leaf
+        self.keep.append(leaf)
+
+    def on_zero_grad(self, p) -> None:
+        """``p.grad = None`` by zero_grad: the compiled function does the same at each run."""
+        self.zeroed[id(p)] = p
+        self.grads.pop(id(p), None)
+        self.keep.append(p)
+
+    def backward_of(self, node) -> None:
+        """Backward is running ``node``'s VJP (None when the walk ends)."""
+        self.saw_backward = True
+        self._bwd_loc = None if node is None else self._node_locs.get(node, "")
+
+    def call_module(self, module, args, kwargs):
+        """Module.__call__ while tracing: note the module (its mode is guarded) and its name."""
+        self.modules[id(module)] = module
+        self.module_stack.append(type(module).__name__)
+        try:
+            return module._call(args, kwargs)
+        finally:
+            self.module_stack.pop()
+
+    def unsupported(self, message: str):
+        raise TraceError(f"{self._where()}{message} (tracing {self.name} for kiln.compile)")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _add(self, op, inputs, attrs, shape, dtype) -> Node:
+        n = Node(op, inputs, attrs, shape, dtype, loc=self.loc())
+        self.graph.nodes.append(n)
+        return n
+
+    def loc(self) -> str:
+        """Where the node being recorded comes from, for printing and error messages."""
+        if self._bwd_loc is not None:
+            return f"backward of {self._bwd_loc}" if self._bwd_loc else "backward"
+        where = user_location(3)
+        if self.module_stack:
+            return f"nn.{self.module_stack[-1]} @ {where}"
+        return where
+
+    def _where(self) -> str:
+        f = user_frame(2)
+        if f is None:
+            return ""
+        return f"{f.f_code.co_filename}:{f.f_lineno}: "
+
+    # -- the result ------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Turn tensors made during the trace into constants, or into captured inputs when they
+        are state that lives on (a tensor made during the trace, written in place and still
+        referenced afterwards, like an optimizer's first-step ``exp_avg``)."""
+        consts = []
+        for key, (t, n) in self.pending.items():
+            if key in self.mutated:  # state created now: read it by reference from the next run
+                n.kind = "captured"
+                n.attrs = {}
+                self.graph.inputs.append(n)
+                self.captured[key] = (t, n)
+            else:
+                n.op = "const"
+                n.kind = ""
+                consts.append(n)
+        self.graph.nodes[:0] = consts
+        self.pending = {}
+
+    def escaped(self, allowed_ids: set) -> list:
+        """Tensors computed in the trace that are still alive after it (stored somewhere the
+        graph cannot update), other than ``allowed_ids``."""
+        self._node_locs = {}
+        refs = []
+        for t in self.keep:
+            n = self.values.get(id(t))
+            if n is not None and n.op not in ("input", "const") and id(t) not in allowed_ids \
+                    and id(t) not in self.created and id(t) not in self.captured:
+                refs.append(weakref.ref(t))
+        t = None  # noqa: F841 - drop the loop's reference before testing liveness
+        self.keep = []
+        self.values = {}
+        self.arrays = {}
+        self.created = {}
+        return [r for r in refs if r() is not None]

@@ -1,0 +1,32 @@
+"""The pass pipeline run on every traced graph, in order, with KILN_DEBUG=2 printing each step."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from kiln.graph.ir import Graph, format_graph, verify
+
+# (module under kiln.graph.passes, function): each is a pure Graph -> Graph function
+PIPELINE = [("dce", "dce"), ("cse", "cse"), ("fold", "fold"), ("simplify", "simplify"),
+            ("dce", "dce"), ("fuse", "fuse")]
+
+
+def optimize(g: Graph, check: bool | None = None):
+    """Run the pipeline; return (optimized graph, {pass: node count after it})."""
+    debug = int(os.environ.get("KILN_DEBUG", "0") or 0) if os.environ.get(
+        "KILN_DEBUG", "0").isdigit() else 0
+    check = bool(os.environ.get("KILN_VERIFY")) if check is None else check
+    stats = {"traced": len(g.nodes)}
+    for mod, fn in PIPELINE:
+        try:
+            pass_fn = getattr(importlib.import_module(f"kiln.graph.passes.{mod}"), fn)
+        except (ImportError, AttributeError):
+            continue
+        g = pass_fn(g)
+        stats[mod] = len(g.nodes)
+        if check:
+            verify(g)
+        if debug >= 2:
+            print(f"[kiln] after {mod}: {len(g.nodes)} nodes\n{format_graph(g)}")
+    return g, stats

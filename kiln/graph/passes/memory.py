@@ -1,0 +1,157 @@
+"""Memory planning: reusable ``out=`` buffers, frees at last use and in-place state updates.
+
+The plan is for an executor that runs ``g.nodes`` in order.  Its contract:
+
+- a node in ``slot_of`` writes its result into buffer ``slot_of[node]`` (allocated once with
+  ``slots[k]``'s shape and dtype) and that buffer is its value; a slot is never the buffer of
+  one of the node's own inputs (directly or through a view), so kernels may use ``out`` as
+  scratch;
+- a node in ``inplace`` writes its result into the storage of the graph input
+  ``inplace[node]``, which may be one of the node's own inputs of identical shape; the
+  executor then skips copying that update back.  The kernel must give the right answer when
+  ``out`` is that input: true for one ufunc call; a multi-step or fused kernel must read all of
+  its inputs before it first writes ``out`` (e.g. write ``out=`` only in its last step);
+- every other node's result is whatever its kernel returns (fresh, or a view for view ops);
+- after running node ``n`` the executor may drop its references to ``free_after[n]``.
+
+Aliasing: the value of a view primitive shares its first input's storage, and ``copy``
+returns its source (input 1) itself; the planner follows these chains, so a buffer stays busy
+while any alias of it is live, and no alias of a buffer is ever an output the user receives.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Callable, Collection
+
+from kiln.graph.ir import Graph, Node
+
+_FOREVER = float("inf")
+
+# Non-view primitives whose impl may return one of its inputs (by position) unchanged.
+_RETURNS_INPUT = {"copy": 1}
+
+
+@dataclass
+class MemoryPlan:
+    """Where each node's result lives and when values may be dropped (see the module doc)."""
+
+    slot_of: dict = field(default_factory=dict)  # Node -> buffer slot it writes into (out=)
+    slots: list = field(default_factory=list)  # slot -> (shape, numpy dtype); shape may hold Sym
+    free_after: dict = field(default_factory=dict)  # Node -> [values last read by it]
+    inplace: dict = field(default_factory=dict)  # Node -> graph input whose storage it writes
+
+
+def aliased_input(n: Node) -> Node | None:
+    """The input whose storage ``n``'s value may share, or None when the value is fresh."""
+    from kiln.ops.registry import REGISTRY
+
+    if n.op == "fused":
+        body = n.attrs["body"]
+        v = next(iter(body.outputs.values()))
+        while v.op != "input":  # follow the alias chain inside the body to a body input
+            v = aliased_input(v)
+            if v is None:
+                return None
+        return n.inputs[body.inputs.index(v)]
+    prim = REGISTRY.get(n.op)
+    if prim is None or not n.inputs:
+        return None
+    if prim.is_view:
+        return n.inputs[0]
+    k = _RETURNS_INPUT.get(n.op)
+    return None if k is None else n.inputs[k]
+
+
+def _storage_roots(g: Graph) -> dict[Node, Node]:
+    """For every value, the value that owns its storage (itself unless it is an alias)."""
+    root: dict[Node, Node] = {n: n for n in g.inputs}
+    for n in g.nodes:
+        a = aliased_input(n)
+        root[n] = n if a is None else root[a]
+    return root
+
+
+def _default_alias_safe(n: Node) -> bool:
+    from kiln.ops.registry import REGISTRY
+
+    prim = REGISTRY.get(n.op)
+    return n.op == "fused" or (prim is not None and "elementwise" in prim.traits)
+
+
+def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
+         alias_safe: Callable[[Node], bool] | None = None,
+         returned: Collection[str] | None = None) -> MemoryPlan:
+    """Plan buffers for running ``g``: which nodes write into reusable slots, which may
+    overwrite a state input in place, and when each value is last read.
+
+    ``writes_out(node)``: the executor's kernel for ``node`` can write into a given buffer.
+    ``updates``: {graph input: node computing its new value}, copied back after the run.
+    ``alias_safe(node)``: its kernel is correct when ``out`` is one of its same-shape inputs
+    (default: elementwise and fused nodes); only such a node may update a state input it reads.
+    ``returned``: names of the outputs handed to the user (default: all).  Those must be fresh
+    arrays; the other outputs (e.g. update values listed so that dead-code removal keeps them)
+    are only kept alive until the end of the run.
+    """
+    alias_safe = alias_safe or _default_alias_safe
+    pos: dict[Node, float] = {n: -1 for n in g.inputs}
+    pos.update({n: k for k, n in enumerate(g.nodes)})
+    names = g.outputs if returned is None else returned
+    outputs = {g.outputs[k] for k in names}
+    pinned = set(g.outputs.values()) | set(updates.values())  # needed after the last node runs
+
+    last_read: dict[Node, float] = {n: -1 for n in pos}
+    for n in g.nodes:
+        for i in n.inputs:
+            last_read[i] = pos[n]
+
+    result = MemoryPlan()
+    for v, t in last_read.items():
+        if v in pinned:
+            continue
+        if t >= 0:
+            result.free_after.setdefault(g.nodes[t], []).append(v)
+        elif v.op != "input":  # a dead computation: drop it as soon as it is made
+            result.free_after.setdefault(v, []).append(v)
+
+    # A storage is busy until the last read of any of its aliases; pinned ones stay busy.
+    root = _storage_roots(g)
+    busy_until: dict[Node, float] = {}
+    escapes: set = set()  # storages a returned output aliases
+    for v, r in root.items():
+        end = _FOREVER if v in pinned else max(last_read[v], pos[v])
+        busy_until[r] = max(busy_until.get(r, -1), end)
+        if v in outputs:
+            escapes.add(r)
+
+    def computes_fresh(n: Node) -> bool:
+        return (n.op not in ("input", "const") and root[n] is n and n not in escapes
+                and writes_out(n))
+
+    for p, n in updates.items():
+        if (pos.get(p) == -1 and n in pos and computes_fresh(n) and n not in result.inplace
+                and n.shape == p.shape and n.dtype == p.dtype and root[p] is p
+                and busy_until[p] <= pos[n]):
+            reads = [i for i in n.inputs if root[i] is p]
+            # n may still read p itself (p - lr * g), but not through a view of p.
+            if not reads or (alias_safe(n) and all(i is p for i in reads)):
+                result.inplace[n] = p
+
+    free: dict[tuple, list[int]] = {}  # (shape, dtype) -> free slots
+    releases: list[tuple] = []  # heap of (busy until, slot)
+    for k, n in enumerate(g.nodes):
+        while releases and releases[0][0] < k:
+            _, s = heapq.heappop(releases)
+            free.setdefault(result.slots[s], []).append(s)
+        if not computes_fresh(n) or n in result.inplace:
+            continue
+        key = (n.shape, n.dtype)
+        if free.get(key):
+            s = free[key].pop()
+        else:
+            s = len(result.slots)
+            result.slots.append(key)
+        result.slot_of[n] = s
+        heapq.heappush(releases, (busy_until[n], s))
+    return result
