@@ -177,13 +177,15 @@ FORWARD = {"mlp": mlp_forward, "cnn": cnn_forward, "gpt": gpt_forward}
 
 # -- training steps (PyTorch API: lib=torch or lib=kiln) ----------------------------------------
 
-def build(lib, workload: str, compile=None):
+def build(lib, workload: str, compile=None, whole_step: bool = False):
     """Return ``(step, params)``: ``step()`` runs one training step and returns the loss tensor
     (not copied to the host).
 
     With ``compile`` (e.g. ``torch.compile``), the forward+loss is compiled (the framework
     derives the backward) and ``optimizer.step()`` is compiled separately; ``loss.backward()``
-    runs between them -- the pattern PyTorch's documentation recommends."""
+    runs between them -- the pattern PyTorch's documentation recommends.  With
+    ``whole_step=True`` (kiln.compile) the whole step, backward and update included, is one
+    compiled function."""
     F = lib.nn.functional
     fwd = FORWARD[workload]
     x, y = train_data(workload)
@@ -204,7 +206,7 @@ def build(lib, workload: str, compile=None):
     def opt_step():
         opt.step()
 
-    if compile is not None:
+    if compile is not None and not whole_step:
         loss_fn, opt_step = compile(loss_fn), compile(opt_step)
 
     def step():
@@ -214,6 +216,8 @@ def build(lib, workload: str, compile=None):
         opt_step()
         return loss
 
+    if compile is not None and whole_step:
+        return compile(step), p
     return step, p
 
 

@@ -64,12 +64,14 @@ def _graph_prims(tensors) -> set:
 
 
 def check_op(fn, inputs, *, atol, rtol, grad=True, grad_atol=None, grad_rtol=None,
-             torch_fn=None, check_dtype=True, seed=1):
+             torch_fn=None, check_dtype=True, seed=1, compiled=True):
     """Run ``fn(lib, *tensors)`` with lib=kiln and lib=torch and compare.
 
     Compares every output's shape, dtype and values, then backpropagates
     ``sum(out_i * w_i)`` (fixed random weights ``w_i``) through both and compares the gradient
-    of every floating input.  Tolerances are stated by each caller.
+    of every floating input.  Tolerances are stated by each caller.  Then, unless
+    ``compiled=False`` (give the reason at the call), ``check_compiled`` checks that
+    ``kiln.compile`` of the same computation replays it exactly.
     """
     torch_fn = torch_fn or fn
     k_in = [_to(kiln, x, grad) for x in inputs]
@@ -91,6 +93,8 @@ def check_op(fn, inputs, *, atol, rtol, grad=True, grad_atol=None, grad_rtol=Non
                                    atol=atol, rtol=rtol, err_msg=f"output {i} differs")
     FORWARD_CHECKED.update(ran)
     if not grad:
+        if compiled:
+            check_compiled(fn, inputs, grad=grad, seed=seed)
         return k_out
     rng = np.random.default_rng(seed)
     k_loss, t_loss = 0, 0
@@ -105,6 +109,8 @@ def check_op(fn, inputs, *, atol, rtol, grad=True, grad_atol=None, grad_rtol=Non
             assert k.requires_grad == t.requires_grad, (
                 f"requires_grad {k.requires_grad} vs torch {t.requires_grad}")
     if not diff_outs:
+        if compiled:
+            check_compiled(fn, inputs, grad=grad, seed=seed)
         return k_out
     k_loss.backward()
     t_loss.backward()
@@ -120,7 +126,208 @@ def check_op(fn, inputs, *, atol, rtol, grad=True, grad_atol=None, grad_rtol=Non
         assert k.grad is not None, f"input {i}: kiln gave no gradient"
         np.testing.assert_allclose(_np(k.grad).astype(np.float64), _np(t.grad).astype(np.float64),
                                    atol=ga, rtol=gr, err_msg=f"gradient of input {i} differs")
+    if compiled:
+        check_compiled(fn, inputs, grad=grad, seed=seed)
     return k_out
+
+
+# Compiled vs eager kiln run the same numpy code on the same values, so only reassociation in
+# fused or generated code may differ: a few ulps.
+COMPILED_TOL = {"float64": (1e-12, 1e-12), "float32": (1e-6, 1e-6), "float16": (1e-3, 1e-3)}
+
+# Ops whose output shape or validity depends on the input values raise TraceError while
+# tracing; these are the phrases of the documented reasons check_compiled accepts.
+DOCUMENTED_TRACE_ERRORS = ("depends on the values", "would draw its numbers once")
+
+# Primitive names the compile check ran through, and the functions it could not compile
+# because the test's own code reads tensor values (``.numpy()`` inside ``fn``).
+COMPILE_CHECKED: set = set()
+COMPILE_SKIPPED: list = []
+
+_VALUE_READS = {"numpy", "item", "tolist", "__bool__", "__float__", "__int__", "__index__",
+                "__array__"}
+
+
+def _permuted(inputs, seed):
+    """The inputs with every float array's values shuffled (same shape, dtype and domain)."""
+    rng = np.random.default_rng(1000 + seed)
+    out = []
+    for x in inputs:
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.size > 1:
+            x = rng.permutation(x.reshape(-1)).reshape(x.shape)
+        out.append(x.copy() if isinstance(x, np.ndarray) else x)
+    return out
+
+
+def _leaves(root, first) -> list:
+    """``first`` (the inputs that require grad), then every other leaf that requires grad in
+    ``root``'s autograd graph (parameters, buffers), in a deterministic walk order."""
+    seen, out = {id(t) for t in first}, list(first)
+    stack, visited = [root._node] if root._node is not None else [], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
+        for e in reversed(n.edges):
+            if isinstance(e, kiln.autograd.Node):
+                stack.append(e)
+            elif e is not None and id(e) not in seen:
+                seen.add(id(e))
+                out.append(e)
+    return out
+
+
+def _step(fn, grad, seed):
+    """fn's outputs and the gradients of the weighted-sum loss, as one function of the inputs.
+    ``autograd.grad`` returns the gradients of every leaf (inputs, then parameters the function
+    reads) without accumulating into ``.grad``, so the caller's parameters are left alone."""
+
+    def step(*xs):
+        outs = _outputs(fn(kiln, *xs))
+        rng = np.random.default_rng(seed)
+        loss = None
+        for o in outs if grad else ():
+            if o.requires_grad:
+                w = rng.uniform(0.5, 1.5, tuple(o.shape)).astype(o._data.dtype)
+                term = (o * kiln.tensor(w)).sum()
+                loss = term if loss is None else loss + term
+        if loss is None:
+            return tuple(outs), ()
+        ins = [x for x in xs if isinstance(x, kiln.Tensor) and x.requires_grad]
+        leaves = _leaves(loss, ins)
+        grads = kiln.autograd.grad(loss, leaves, allow_unused=True)
+        # a gradient can be a view of a view of a value computed in the trace; kiln.compile
+        # follows one level of ._base when it checks for escaped tensors (reported)
+        return tuple(outs), tuple(g if g is None else g.clone() for g in grads)
+
+    return step
+
+
+def _same(got, want, what):
+    if want is None:
+        assert got is None, f"{what}: compiled gave a tensor, eager gave None"
+        return
+    assert got is not None, f"{what}: compiled gave None, eager gave a tensor"
+    g, w = _np(got), _np(want)
+    assert g.shape == w.shape, f"{what}: compiled shape {g.shape} vs eager {w.shape}"
+    assert g.dtype == w.dtype, f"{what}: compiled dtype {g.dtype} vs eager {w.dtype}"
+    if w.dtype.kind in "fc":
+        atol, rtol = COMPILED_TOL[str(w.dtype)]
+        np.testing.assert_allclose(g, w, atol=atol, rtol=rtol, err_msg=f"{what} differs")
+    else:
+        np.testing.assert_array_equal(g, w, err_msg=f"{what} differs")
+
+
+def _reads_in_fn(exc) -> bool:
+    """The TraceError comes from the test's own code reading a value (``x.numpy()``), not from
+    inside kiln: such a function cannot be compiled as written."""
+    import os
+
+    kiln_dir = os.path.dirname(os.path.abspath(kiln.__file__)) + os.sep
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    outside = [i for i, c in enumerate(frames) if not c.co_filename.startswith(kiln_dir)]
+    if not outside or outside[-1] + 1 >= len(frames):
+        return False
+    nxt = frames[outside[-1] + 1]
+    return nxt.co_filename.endswith(os.sep + "tensor.py") and nxt.co_name in _VALUE_READS
+
+
+class _StateGuard:
+    """Saves every tensor kiln.compile captures (parameters, buffers, running statistics) when
+    the tracer first meets it, and the random state; ``restore`` puts them back, so the compile
+    check leaves the caller's state as the eager check left it."""
+
+    def __enter__(self):
+        from kiln.graph.capture import Tracer
+
+        self.saved = {}
+        self.rng = kiln.random.default_generator.get_state()
+        self.orig = orig = Tracer.node_of
+        saved = self.saved
+
+        def node_of(tracer, t):
+            if id(t) not in tracer.values and id(t) not in tracer.created and id(t) not in saved:
+                saved[id(t)] = (t, np.array(t._data), t._version[0])
+            return orig(tracer, t)
+
+        Tracer.node_of = node_of
+        return self
+
+    def __exit__(self, *exc):
+        from kiln.graph.capture import Tracer
+
+        Tracer.node_of = self.orig
+        for t, data, version in self.saved.values():
+            if t._data.flags.writeable:
+                np.copyto(t._data, data)
+            t._version[0] = version
+        kiln.random.default_generator.set_state(self.rng)
+        return False
+
+
+def _make_np(t):
+    return kiln.tensor(np.array(t._data))
+
+
+def check_compiled(fn, inputs, *, grad=True, seed=1):
+    """``kiln.compile`` of fn + weighted-sum loss + gradients, traced on the inputs and replayed
+    on shuffled inputs, must equal eager kiln on the shuffled inputs under the same random
+    state (outputs, gradients of the inputs and of the parameters fn reads, and the inputs
+    themselves, which in-place ops may write).  Tolerances: COMPILED_TOL.  An op may instead
+    refuse to trace with a documented TraceError (DOCUMENTED_TRACE_ERRORS).
+    """
+    from kiln.graph.capture import TraceError
+
+    step = _step(fn, grad, seed)
+    if not grad:  # outputs may still require grad (parameters): compile for inference
+        step = kiln.no_grad()(step)
+    compiled = kiln.compile(step)
+    first = [_to(kiln, x.copy() if isinstance(x, np.ndarray) else x, grad) for x in inputs]
+    ran: list = []
+    with _StateGuard() as guard:
+        OBSERVERS.append(lambda prim, ins, attrs, out: ran.append(prim.name))
+        try:
+            compiled(*first)
+        except TraceError as e:
+            if _reads_in_fn(e):
+                COMPILE_SKIPPED.append(str(e))
+                return
+            assert any(p in str(e) for p in DOCUMENTED_TRACE_ERRORS), (
+                f"kiln.compile refused to trace with an undocumented reason: {e}")
+            return
+        finally:
+            OBSERVERS.pop()
+        shuffled = _permuted(inputs, seed)
+        c_in = [_to(kiln, x.copy() if isinstance(x, np.ndarray) else x, grad) for x in shuffled]
+        e_in = [_to(kiln, x.copy() if isinstance(x, np.ndarray) else x, grad) for x in shuffled]
+        state = kiln.random.default_generator.get_state()
+        captured = [t for t, _, _ in guard.saved.values() if t._data.flags.writeable]
+        before = [np.array(t._data) for t in captured]
+        c_outs, c_grads = compiled(*c_in)
+        assert len(compiled.entries) == 1 and not compiled.entries[0].eager, (
+            "the second call did not replay the compiled graph: " + "; ".join(compiled.history)
+            + "".join(f" ({e.reason})" for e in compiled.entries if e.eager))
+        c_state = [_make_np(t) for t in captured]
+        for t, a in zip(captured, before):  # the eager run starts from the same state
+            np.copyto(t._data, a)
+        kiln.random.default_generator.set_state(state)
+        e_outs, e_grads = step(*e_in)
+        for i, (t, c) in enumerate(zip(captured, c_state)):
+            _same(c, _make_np(t), f"captured tensor {i} {tuple(t.shape)} after the call")
+    assert len(c_outs) == len(e_outs) and len(c_grads) == len(e_grads)
+    for i, (c, e) in enumerate(zip(c_outs, e_outs)):
+        _same(c, e, f"compiled output {i}")
+    for i, (c, e) in enumerate(zip(c_grads, e_grads)):
+        _same(c, e, f"compiled gradient {i} (inputs first, then parameters)")
+    for i, (c, e) in enumerate(zip(c_in, e_in)):
+        if isinstance(e, kiln.Tensor):
+            _same(c, e, f"input {i} after the compiled call")
+    COMPILE_CHECKED.update(ran)
 
 
 def check_exception(fn, *, match=None):

@@ -51,7 +51,8 @@ def compile_init(mode):
 
 
 def build_train(mode, workload):
-    return torchapi.build_train(kiln, workload, _compile(mode))
+    # kiln.compile captures the whole step (forward, backward and optimizer update) as one graph
+    return torchapi.build_train(kiln, workload, _compile(mode), whole_step=True)
 
 
 def build_infer(mode, workload, batch):

@@ -7,8 +7,8 @@ import protocol
 import workloads as W
 
 
-def build_train(lib, workload, compile=None):
-    step, _ = W.build(lib, workload, compile=compile)
+def build_train(lib, workload, compile=None, whole_step=False):
+    step, _ = W.build(lib, workload, compile=compile, whole_step=whole_step)
     return step, _no_sync, lambda loss: float(loss.item())
 
 

@@ -149,8 +149,9 @@ class _Gen:
 
     def __init__(self, g: Graph, plan, ident: str, check_inputs: bool) -> None:
         self.g, self.plan, self.ident, self.check_inputs = g, plan, ident, check_inputs
-        self.globals: dict = {"_np": np, "_copyto": _copyto, "_fresh": _fresh,
-                              "_arr": np.asarray, "_empty": np.empty}
+        self.globals: dict = {"__name__": "kiln.backends.generated", "_np": np,
+                              "_copyto": _copyto, "_fresh": _fresh, "_arr": np.asarray,
+                              "_empty": np.empty}
         self.lines: list[str] = []
         self.line_node: dict[int, Node] = {}
         self.node_text: dict[Node, str] = {}
@@ -162,6 +163,8 @@ class _Gen:
         self.symnames: list[str] = []
         self.temp_pool: dict[str, tuple] = {}  # buffer name -> (shape, dtype) of temporaries
         self.outputs = set(g.outputs.values())
+        # values sharing storage with an updated input: copied before any write into it
+        self.copy_first = set(getattr(plan, "copy_before_update", ()))
         users = g.users()
         index = {n: i for i, n in enumerate(g.nodes)}
         end = len(g.nodes)
@@ -222,8 +225,8 @@ class _Gen:
     def attrs_src(self, n: Node) -> str:
         return "".join(f", {k}={self.lit(v, f'c{n.id}_{k}')}" for k, v in n.attrs.items())
 
-    def comment(self, n: Node, extra: str = "") -> str:
-        text = f"  # %{n.id} {n.op}{extra} {type_str(n)}"
+    def comment(self, n: Node, extra: str = "", typed: Node | None = None) -> str:
+        text = f"  # %{n.id} {n.op}{extra} {type_str(typed or n)}"
         return text + (f" @ {n.loc}" if n.loc else "")
 
     def new_buffer(self, shape, dtype) -> str:
@@ -261,6 +264,9 @@ class _Gen:
         self.emit(f"def {self.ident}({', '.join(params)}):")
         self.emit(f"    # graph({sig})")
         self._bind_dims()
+        for n in g.inputs:
+            if n in self.copy_first:
+                self._copy_now(n)
         body_start = len(self.lines)
         for i, n in enumerate(g.nodes):
             self.node_text[n] = format_node(n, self.display).strip().split("\n")[0]
@@ -268,6 +274,8 @@ class _Gen:
                 self._fused(n, i)
             else:
                 self._node(n, i)
+            if n in self.copy_first:
+                self._copy_now(n)
             self._free(n, i)
         self._return()
         # buffers are unpacked after the node loop, when the fused temporaries are known
@@ -318,6 +326,9 @@ class _Gen:
             return f"a{k}", ("a", k), "inplace"
         slot = plan.slot_of.get(n)
         if slot is not None:
+            if self.bufspec[slot] != (tuple(n.shape), n.dtype):
+                self.fallbacks.append((n, f"slot {slot} is {self.bufspec[slot]}, not the node's"))
+                return None
             return f"b{slot}", ("b", slot), "slot"
         return None
 
@@ -339,10 +350,10 @@ class _Gen:
                           n)
                 self.set_storage(n, [key])
                 return
-            if kind == "inplace":
+            if kind == "inplace" and self.clobbers(key, n, i, ()) is not None:
                 name = self.display[self.g.inputs[key[1]]]
                 raise ValueError(f"memory plan writes %{n.id} into input {name} but {why}")
-            self.fallbacks.append((n, why))
+            self.fallbacks.append((n, why))  # in place: the impl's result is copied in
         elif target is not None and target[2] == "slot":
             self.fallbacks.append((n, "no out-kernel accepts this node"))
         impl = self.bind(f"impl_{n.op}", _impl(n.op))
@@ -374,6 +385,16 @@ class _Gen:
         k = self.bind(f"k_{n.op}", OUT_KERNELS[n.op])
         return f"{k}({out}, {args}{attrs})"
 
+    def _copy_now(self, n: Node) -> None:
+        """Replace ``n``'s value by a copy: an updated input's storage is about to change."""
+        v = self.names[n] = f"v{n.id}" if n.op != "input" else f"{self.names[n]}_copy"
+        src = self.names[n] if n.op != "input" else v[:-len("_copy")]
+        self.emit(f"    {v} = {src}.copy()  # %{n.id}: kept before its storage is updated", n)
+        for keys in self.holders.values():
+            if n in keys:
+                keys.remove(n)
+        self.set_storage(n, [("f", n.id)])
+
     def _free(self, n: Node, i: int) -> None:
         dead = []
         for u in self.plan.free_after.get(n, ()):
@@ -389,8 +410,9 @@ class _Gen:
         for name, n in self.g.outputs.items():
             v = self.names[n]
             keys = self.storage[n]
-            if n.op == "input" or (n in self.plan.inplace and self.storage[n] == {
-                    ("a", self.g.inputs.index(self.plan.inplace[n]))}):
+            inplace = self.plan.inplace.get(n)
+            if (n.op == "input" and n not in self.copy_first) or (
+                    inplace is not None and keys == {("a", self.g.inputs.index(inplace))}):
                 pass
             elif any(k[0] == "c" for k in keys):
                 v = f"{v}.copy()"
@@ -454,7 +476,7 @@ class _Gen:
 
         for b in live:
             p = pos[b]
-            c = self.comment(n, f": %{b.id} {b.op}")
+            c = self.comment(n, f": %{b.id} {b.op}", b)
             if b.op == "const":
                 names[b] = self.bind(f"c{b.id}", b.attrs["value"])
                 continue

@@ -16,12 +16,17 @@ Metadata read by the code generator:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
 
 from kiln.graph.ir import Node
 from kiln.ops.reduce import _BLAS_FLOATS, _count, _ones
+
+# As in eager mode (kiln/ops/elementwise.py): inf and nan results are silent, as in PyTorch.
+# Generated code runs with module name kiln.backends.generated, so this covers it too.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"kiln\.backends\.")
 
 OUT_KERNELS: dict[str, Callable] = {}
 UFUNCS: dict[str, tuple] = {}
@@ -162,7 +167,7 @@ def _k_where(out, cond, x, y):
 
 @_kernel("relu_backward", _same_float, unsafe=())
 def _k_relu_backward(out, g, y):
-    off = y > 0  # computed first, so out may alias y or g
+    off = np.asarray(y > 0)  # computed first, so out may alias y or g
     np.logical_not(off, out=off)
     np.copyto(out, g)
     np.copyto(out, 0, where=off)

@@ -57,6 +57,7 @@ class Tracer:
         self.pending: dict = {}  # id(tensor) -> (tensor, input Node) for created tensors used
         self.captured: dict = {}  # id(tensor) -> (tensor, input Node): pre-existing tensors
         self.mutated: dict = {}  # id(tensor) -> (tensor, Node): final values of in-place writes
+        self.args: dict = {}  # id(tensor) -> (tensor, input Node) for the arguments
         self.grads: dict = {}  # id(leaf) -> leaf whose .grad backward set during the trace
         self.zeroed: dict = {}  # id(leaf) -> leaf whose .grad was set to None by zero_grad
         self.grad_none: dict = {}  # id(leaf) -> leaf whose .grad must be None at call time
@@ -73,6 +74,7 @@ class Tracer:
         """Register a tensor argument of the traced function as a graph input."""
         n = self.graph.add_input(name, t._data.shape, t._data.dtype, kind="arg")
         self._bind(t, n)
+        self.args[id(t)] = (t, n)
         return n
 
     def lift(self, owner: dict, key: str):
@@ -173,7 +175,7 @@ class Tracer:
         self.node_of(target)  # make sure its old value is known (captured or constant)
         self.values[id(target)] = n
         self.arrays[id(target._data)] = n
-        if id(target) in self.captured or id(target) in self.created:
+        if id(target) in self.captured or id(target) in self.created or id(target) in self.args:
             self.mutated[id(target)] = (target, n)
 
     def on_grad(self, leaf, g) -> None:
@@ -246,37 +248,51 @@ class Tracer:
         return f"{f.f_code.co_filename}:{f.f_lineno}: "
 
     # -- the result ------------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Turn tensors made during the trace into constants, or into captured inputs when they
-        are state that lives on (a tensor made during the trace, written in place and still
-        referenced afterwards, like an optimizer's first-step ``exp_avg``)."""
+    def settle(self, allowed_ids: set) -> list:
+        """End the trace: decide what tensors made during it are, and find escapes.
+
+        Call after the caller has dropped its own references to traced tensors other than
+        ``allowed_ids`` (the outputs handed back, the new ``.grad``s).  Tensors made during the
+        trace become constants (their value when first read), except those written in place
+        that are still referenced afterwards: that is state created on the first call (an
+        optimizer's ``exp_avg``), read by reference from the next run on.  Returns weak
+        references to tensors computed in the trace that are still alive although the graph
+        cannot update them (stored in a list, a global or an attribute)."""
+        import gc
+
+        states = {key: (weakref.ref(t), n) for key, (t, n) in self.pending.items()
+                  if key in self.mutated}
+        mutated = {key: self.mutated.pop(key) for key in states}
+        mutated = {key: (weakref.ref(t), n) for key, (t, n) in mutated.items()}
+        refs = []
+        for t in self.keep:
+            n = self.values.get(id(t))
+            if (n is not None and n.op != "const" and n.kind not in ("arg", "captured",
+                                                                       "lifted", "created")
+                    and id(t) not in allowed_ids and id(t) not in self.created
+                    and id(t) not in self.captured and id(t) not in self.args):
+                refs.append(weakref.ref(t))
+        t = None  # noqa: F841 - drop the loop's reference before testing liveness
+        self.keep, self.values, self.arrays, self.created = [], {}, {}, {}
+        self.pending = {key: v for key, v in self.pending.items() if key not in states}
+        self._node_locs = {}
+        if any(r() is not None for r in refs) or any(w() is not None for w, _ in states.values()):
+            gc.collect()  # in-place ops leave reference cycles between a tensor and its node
         consts = []
-        for key, (t, n) in self.pending.items():
-            if key in self.mutated:  # state created now: read it by reference from the next run
+        for key, (w, n) in states.items():
+            t = w()
+            if t is not None:  # state that lives on: read it by reference from the next run
                 n.kind = "captured"
                 n.attrs = {}
                 self.graph.inputs.append(n)
                 self.captured[key] = (t, n)
-            else:
-                n.op = "const"
-                n.kind = ""
+                self.mutated[key] = (t, mutated[key][1])
+            else:  # a temporary written in place: its first value is a constant
+                n.op, n.kind = "const", ""
                 consts.append(n)
+        for _t, n in self.pending.values():
+            n.op, n.kind = "const", ""
+            consts.append(n)
         self.graph.nodes[:0] = consts
         self.pending = {}
-
-    def escaped(self, allowed_ids: set) -> list:
-        """Tensors computed in the trace that are still alive after it (stored somewhere the
-        graph cannot update), other than ``allowed_ids``."""
-        self._node_locs = {}
-        refs = []
-        for t in self.keep:
-            n = self.values.get(id(t))
-            if n is not None and n.op not in ("input", "const") and id(t) not in allowed_ids \
-                    and id(t) not in self.created and id(t) not in self.captured:
-                refs.append(weakref.ref(t))
-        t = None  # noqa: F841 - drop the loop's reference before testing liveness
-        self.keep = []
-        self.values = {}
-        self.arrays = {}
-        self.created = {}
         return [r for r in refs if r() is not None]

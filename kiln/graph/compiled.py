@@ -134,6 +134,7 @@ class Entry:
         self.graph: Graph | None = None  # after optimization
         self.run = None  # the executor: list of arrays -> {name: array}
         self.eager = False  # this signature runs eagerly (see reason)
+        self.copied: set = set()  # outputs to copy at every call (constants)
         self.reason = ""
         self.sizes: dict = {}  # symbol -> the sizes it was traced at
 
@@ -156,7 +157,7 @@ class Entry:
                     return False
         return True
 
-    def mismatch(self) -> str:
+    def mismatch(self, leaves: list) -> str:
         """Why the guards other than argument shapes fail now ('' when they hold)."""
         if STATE.grad_enabled != self.grad_enabled:
             return f"grad mode changed {self.grad_enabled} -> {STATE.grad_enabled}"
@@ -169,7 +170,7 @@ class Entry:
                 diff = [k for (k, v), (_, w) in zip(snap, now) if v != w] or ["params"]
                 return f"optimizer setting {diff[0]!r} changed"
         for leaf in self.grad_none:
-            if leaf.grad is not None:
+            if (leaves[leaf] if type(leaf) is int else leaf).grad is not None:
                 return "a parameter's .grad was not None (gradients accumulate)"
         for t, (shape, dtype) in zip(self.captured, self.captured_types):
             if t._data.shape != shape or t._data.dtype != dtype:
@@ -224,7 +225,7 @@ class CompiledFunction:
         shapes = tuple(t._data.shape for t in leaves)
         dtypes = tuple(t._data.dtype for t in leaves)
         for e in self.entries:
-            if e.spec == spec and e.shape_match(shapes, dtypes) and not e.mismatch():
+            if e.spec == spec and e.shape_match(shapes, dtypes) and not e.mismatch(leaves):
                 if e.eager:
                     return self.fn(*args, **kwargs)
                 return self._run(e, leaves)
@@ -236,20 +237,23 @@ class CompiledFunction:
         arrays += [np.array(d[k], np.float64) for d, k in e.lifted]
         outs = e.run(arrays)
         for t, name in e.updates:
+            if type(t) is int:
+                t = leaves[t]
             a = outs[name]
             if a is not t._data:
                 np.copyto(t._data, a, casting="unsafe")
             t._version[0] += 1
         for leaf in e.zeroed:
-            leaf.grad = None
+            (leaves[leaf] if type(leaf) is int else leaf).grad = None
         for leaf, name in e.grads:
-            leaf.grad = _make(outs[name])
-        return _unflatten(e.out_spec, iter([_make(outs[n]) for n in e.out_names]))
+            (leaves[leaf] if type(leaf) is int else leaf).grad = _make(outs[name])
+        return _unflatten(e.out_spec, iter([_make(outs[n]) if n not in e.copied else
+                                            _make(np.array(outs[n])) for n in e.out_names]))
 
     # -- compiling ---------------------------------------------------------------------------------
     def _compile(self, args, kwargs, spec, leaves, names, shapes, dtypes):
         where = user_location(3)
-        reason, merge = self._why(spec, shapes, dtypes)
+        reason, merge = self._why(spec, shapes, dtypes, leaves)
         if self.entries and self.strict and not (merge is not None and self.dynamic):
             raise RecompileError(f"kiln.compile(strict=True): {self.__name__} would recompile: "
                                  f"{reason} at {where}")
@@ -280,7 +284,7 @@ class CompiledFunction:
                           f"{self.__name__}.explain())", stacklevel=3)
         return result
 
-    def _why(self, spec, shapes, dtypes):
+    def _why(self, spec, shapes, dtypes, leaves):
         """A readable reason for a cache miss, and an entry it could merge with (batch size)."""
         if not self.entries:
             return "first call", None
@@ -296,11 +300,11 @@ class CompiledFunction:
             text = (f"{self._arg_name(i)} changed shape {_shape_str(e.shapes[i])} -> "
                     f"{_shape_str(shapes[i])}")
             merge = None
-            if self.dynamic is not False and not e.sizes and not e.eager and not e.mismatch():
+            if self.dynamic is not False and not e.sizes and not e.eager and not e.mismatch(leaves):
                 merge = _batch_change(e.shapes, shapes)
                 merge = e if merge else None
             return text, merge
-        return e.mismatch() or "a guard failed", None
+        return e.mismatch(leaves) or "a guard failed", None
 
     def _arg_name(self, i: int) -> str:
         return self._leaf_names[i] if i < len(getattr(self, "_leaf_names", [])) else f"arg {i}"
@@ -319,12 +323,10 @@ class CompiledFunction:
             STATE.tracer = None
         out_leaves: list = []
         out_spec = _out_spec(result, out_leaves)
-        tracer.finish()
         e = Entry()
         e.spec, e.shapes, e.dtypes, e.grad_enabled = spec, shapes, dtypes, grad_mode
         e.modules = [(m, m.training) for m in tracer.modules.values()]
         e.groups = [(g, _group_snapshot(g)) for g in tracer.groups.values()]
-        e.grad_none = list(tracer.grad_none.values())
         e.lifted = [(d, k) for d, k, _, _ in tracer.lifted]
         e.out_spec = out_spec
         if grad_mode and not tracer.saw_backward and any(t._rg for t in out_leaves):
@@ -335,19 +337,40 @@ class CompiledFunction:
                           stacklevel=4)
             return result, e
         g = tracer.graph
-        for i, t in enumerate(out_leaves):
-            g.outputs[f"out{i}"] = tracer.node_of(t)
-            e.out_names.append(f"out{i}")
+        STATE.tracer = tracer  # node_of may meet constants made by the function
+        try:
+            for i, t in enumerate(out_leaves):
+                g.outputs[f"out{i}"] = tracer.node_of(t)
+                e.out_names.append(f"out{i}")
+            grad_nodes = [(leaf, tracer.node_of(leaf.grad)) for leaf in tracer.grads.values()]
+        finally:
+            STATE.tracer = None
+        arg_index = {id(t): i for i, t in enumerate(leaves)}
+
+        def target(t):  # arguments are addressed by position: each call passes new ones
+            return arg_index.get(id(t), t)
+
+        e.grad_none = [target(leaf) for leaf in tracer.grad_none.values()]
+        e.zeroed = [target(p) for k, p in tracer.zeroed.items() if k not in tracer.grads]
+        detached = [_make(t._data) for t in out_leaves]
+        allowed = {id(leaf.grad) for leaf, _ in grad_nodes}
+        for t in out_leaves:
+            while t is not None:
+                allowed.add(id(t))
+                t = t._base
+        out_leaves = result = t = None
+        escaped = tracer.settle(allowed)
+        result = _unflatten(out_spec, iter(detached))
         self._name_inputs(tracer, args)
-        for key, (t, n) in tracer.mutated.items():
-            name = f"update:{tracer.captured[key][1].name}"
-            g.outputs[name] = n
-            e.updates.append((t, name))
-        for leaf in tracer.grads.values():
+        for leaf, n in grad_nodes:
             name = f"grad:{self._param_name(tracer, leaf)}"
-            g.outputs[name] = tracer.node_of(leaf.grad)
-            e.grads.append((leaf, name))
-        e.zeroed = [p for k, p in tracer.zeroed.items() if k not in tracer.grads]
+            g.outputs[name] = n
+            e.grads.append((target(leaf), name))
+        for key, (t, n) in tracer.mutated.items():
+            inp = tracer.captured[key][1] if key in tracer.captured else tracer.args[key][1]
+            name = f"update:{inp.name}"
+            g.outputs[name] = n
+            e.updates.append((target(t), name))
         captured = [n for n in g.inputs if n.kind == "captured"]
         by_node = {n: t for t, n in tracer.captured.values()}
         e.captured = [by_node[n] for n in captured]
@@ -355,12 +378,7 @@ class CompiledFunction:
         g.inputs = ([n for n in g.inputs if n.kind == "arg"] + captured +
                     [n for n in g.inputs if n.kind == "lifted"])
         e.traced = g
-        detached = [_make(t._data) for t in out_leaves]
-        allowed = {id(t) for t in out_leaves} | {id(leaf.grad) for leaf in tracer.grads.values()}
-        allowed |= {id(t._base) for t in out_leaves if t._base is not None}
-        out_leaves = None
-        result = _unflatten(out_spec, iter(detached))
-        if tracer.escaped(allowed):
+        if escaped:
             self._escapes += 1
             if self._escapes < 2:
                 return result, None  # perhaps one-time initialisation: trace again next call
@@ -396,6 +414,8 @@ class CompiledFunction:
         from kiln.graph.optimize import optimize
 
         e.graph, e.stats = optimize(e.traced)
+        # a constant output is the same array at every call: hand out copies of it
+        e.copied = {k for k in e.out_names if e.graph.outputs[k].op == "const"}
         e.run = _executor(e.graph, _updates_map(e, e.graph), self.backend,
                           f"{self.__name__} #{self._counter}")
 
@@ -493,7 +513,8 @@ def _updates_map(e: Entry, g: Graph | None = None) -> dict:
     g = g or e.traced
     nodes = [n for n in g.inputs if n.kind == "captured"]
     index = {id(t): i for i, t in enumerate(e.captured)}
-    return {nodes[index[id(t)]]: g.outputs[name] for t, name in e.updates}
+    return {g.inputs[t] if type(t) is int else nodes[index[id(t)]]: g.outputs[name]
+            for t, name in e.updates}
 
 
 def _batch_change(old_shapes, new_shapes) -> list:
@@ -516,16 +537,13 @@ def _executor(g: Graph, updates: dict, backend: str, name: str):
         from kiln.backends.interpreter import run
 
         return functools.partial(run, g)
-    try:
-        from kiln.backends.codegen import Executor
-        from kiln.backends.kernels import writes_out
-        from kiln.graph.passes.memory import plan
-    except ImportError:  # TEMPORARY while the executor is being written
-        from kiln.backends.interpreter import run
+    from kiln.backends.codegen import Executor
+    from kiln.backends.kernels import writes_out
+    from kiln.graph.passes.memory import plan
 
-        return functools.partial(run, g)
-
-    ex = Executor(g, plan(g, writes_out, updates), name)
+    # update values are written back into their tensors; everything else reaches the user
+    returned = [k for k in g.outputs if not k.startswith("update:")]
+    ex = Executor(g, plan(g, writes_out, updates, returned=returned), name, check_inputs=False)
     _debug(3, ex.source)
     return ex
 

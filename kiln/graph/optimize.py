@@ -8,8 +8,10 @@ import os
 from kiln.graph.ir import Graph, format_graph, verify
 
 # (module under kiln.graph.passes, function): each is a pure Graph -> Graph function
+# cse runs again after fold and simplify, which can make new duplicates (equal constants, two
+# rebuilt nodes); dce then drops what the rewrites left unused, before fusion groups the rest.
 PIPELINE = [("dce", "dce"), ("cse", "cse"), ("fold", "fold"), ("simplify", "simplify"),
-            ("dce", "dce"), ("fuse", "fuse")]
+            ("cse", "cse"), ("dce", "dce"), ("fuse", "fuse")]
 
 
 def optimize(g: Graph, check: bool | None = None):
@@ -24,7 +26,8 @@ def optimize(g: Graph, check: bool | None = None):
         except (ImportError, AttributeError):
             continue
         g = pass_fn(g)
-        stats[mod] = len(g.nodes)
+        key = mod if mod not in stats else f"{mod}#2"
+        stats[key] = len(g.nodes)
         if check:
             verify(g)
         if debug >= 2:

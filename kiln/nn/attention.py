@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 import kiln
+from kiln.grad_mode import STATE
 from kiln.ops.elementwise import _tname
 from kiln.ops.linalg import linear
 from kiln.ops.reduce import softmax
@@ -101,6 +102,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     else:
         scores = (query @ key.transpose(-2, -1)) * scale
 
+    if attn_mask is not None and STATE.tracer is not None:
+        return _masked_attention_traced(scores, attn_mask, value, dropout_p, S)
     bool_mask = attn_mask is not None and attn_mask._data.dtype == np.bool_
     empty_rows = None  # numpy (..., L, 1): queries that may attend to no key at all
     if bool_mask or is_causal:
@@ -132,6 +135,26 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     return attn @ value
 
 
+def _masked_attention_traced(scores, attn_mask, value, dropout_p, S) -> Tensor:
+    """The masked part of scaled_dot_product_attention with tensor ops only: inside
+    kiln.compile the mask may be a graph value, so nothing may read it or branch on it."""
+    is_bool = attn_mask._data.dtype == np.bool_
+    blocked = attn_mask.logical_not() if is_bool else attn_mask == float("-inf")
+    empty = blocked.all(-1, keepdim=True) if S else None  # rows that attend to no key
+    if is_bool:
+        if empty is not None:
+            blocked = blocked & empty.logical_not()
+        scores = scores.masked_fill(blocked, float("-inf"))
+    else:
+        scores = scores + (attn_mask.masked_fill(empty, 0.0) if empty is not None else attn_mask)
+    attn = softmax(scores, -1)
+    if empty is not None:
+        attn = attn.masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        attn = kiln.nn.functional.dropout(attn, dropout_p, True)
+    return attn @ value
+
+
 # -- nn.MultiheadAttention -----------------------------------------------------------------------
 
 from kiln.nn import init  # noqa: E402
@@ -149,6 +172,8 @@ def _canonical_mask(mask, name: str, dt) -> Tensor | None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(mask).__name__}")
     if mask._data.dtype == np.bool_:
+        if STATE.tracer is not None:  # the mask may be a graph value: convert it with an op
+            return kiln.zeros(mask._data.shape, dtype=dt).masked_fill(mask, float("-inf"))
         return _make(np.where(mask._data, np.array(-np.inf, dt.np), np.array(0, dt.np)))
     if mask._data.dtype.kind != "f":
         raise AssertionError(f"only bool and floating types of {name} are supported")

@@ -13,7 +13,7 @@ from kiln.grad_mode import STATE
 from kiln.ops.elementwise import cast, clone, mul
 from kiln.ops.reduce import sum_to
 from kiln.ops.registry import primitive
-from kiln.tensor import Tensor, _make, normalize_dim
+from kiln.tensor import Tensor, _concrete, _make, normalize_dim
 
 __all__ = ["argsort", "argwhere", "gather", "index_add", "index_fill", "index_put", "index_select",
            "masked_select", "multinomial", "nonzero", "scatter", "scatter_add", "sort", "take",
@@ -97,6 +97,24 @@ _NO_INDICES = np.empty((0,), np.int64)  # stand-in for index_put's indices when 
 
 def _no_indices() -> Tensor:
     return _make(_NO_INDICES)
+
+
+# While kiln.compile traces, an index tensor may be a graph value: everything derived from it
+# must go through primitives (a numpy copy would freeze its trace-time value into the graph).
+# Bounds are still checked on the trace-time values, with eager's errors.
+
+def _wrap_neg(t: Tensor, n: int) -> Tensor:
+    """Negative int64 indices counted from the end of a dimension of size ``n`` (traced)."""
+    from kiln.ops.elementwise import where
+
+    return where(t < 0, t + n, t)
+
+
+def _as_row(idx: Tensor) -> Tensor:
+    """A vector index as the (1, k) stacked form the index primitives take."""
+    if STATE.tracer is not None:
+        return idx.reshape(1, -1)
+    return _make(idx._data.reshape(1, -1))
 
 
 # -- primitives: basic indexing (a view), advanced indexing (a copy), index_put -----------------
@@ -274,10 +292,22 @@ def _classify(k):
     if isinstance(k, slice):
         return ("slice", k)
     if isinstance(k, Tensor):
+        if STATE.tracer is not None:
+            kind = k._data.dtype.kind
+            if kind in "iu" and k._data.dtype.itemsize >= 4:
+                return ("tarr", k)
+            if kind == "b" or k._data.dtype == np.uint8:
+                _concrete(k, "indexing with a boolean mask (the result's shape depends on the "
+                             "values of the mask)")
         return _array_item(k._data, Tensor)
     if isinstance(k, np.ndarray):
         return _array_item(k, np.ndarray)
     if isinstance(k, (list, tuple)):
+        if STATE.tracer is not None:
+            for x in k:
+                if isinstance(x, Tensor):
+                    _concrete(x, "indexing with a list of tensors (the index depends on the "
+                                 "values of the tensors)")
         try:
             a = np.asarray([x._data if isinstance(x, Tensor) else x for x in k])
         except ValueError:
@@ -370,6 +400,8 @@ def _parse_fast(shape: tuple, key):
     else:
         return None
     checked = _bounds(a, shape[0], 0)
+    if STATE.tracer is not None and tk is Tensor:
+        return (), (0,), _wrap_neg(key, shape[0]).reshape((1,) + a.shape)
     indices = _make(checked[None])
     if checked is a and tk is Tensor:  # a view of the user's index: share its version counter
         indices._version = key._version
@@ -387,11 +419,19 @@ def _parse(shape: tuple, key):
     if type(key) is not tuple:
         key = tuple(key) if isinstance(key, list) and _seq_as_tuple(key) else (key,)
     items = [_classify(k) for k in key]
+    if any(k in ("tarr", "arr", "mask") and np.ndim(v if k != "tarr" else v._data)
+           for k, v in items):
+        # a 0-d index tensor selects like an int (first), which places the other advanced
+        # dimensions differently from one joint advanced index: read it as an int
+        items = [("int", _concrete(v, "indexing with a 0-d index tensor together with other "
+                                      "index tensors (the result's layout depends on the "
+                                      "values)") or int(v._data))
+                 if k == "tarr" and not v._data.ndim else (k, v) for k, v in items]
     ndim = len(shape)
     used = 0
     n_ellipsis = 0
     for kind, v in items:
-        if kind in ("int", "slice", "arr"):
+        if kind in ("int", "slice", "arr", "tarr"):
             used += 1
         elif kind == "mask":
             used += v.ndim
@@ -443,6 +483,13 @@ def _parse(shape: tuple, key):
             index.append(_slice(0, shape[din], 1))
             din += 1
             dout += 1
+        elif kind == "tarr":  # a traced index tensor (see _wrap_neg)
+            _bounds(v._data, shape[din], din)
+            v = cast(v, "int64") if v._data.dtype != _I64 else v
+            adv.append((dout, _wrap_neg(v, shape[din]), False))
+            index.append(_slice(0, shape[din], 1))
+            din += 1
+            dout += 1
         else:  # mask
             if v.shape != shape[din:din + v.ndim]:
                 for j, s in enumerate(v.shape):
@@ -476,6 +523,8 @@ def _adv_shape(view_shape: tuple, bshape: tuple, dims: tuple) -> tuple:
 
 def _stack(arrays: list) -> Tensor:
     """The index arrays broadcast together and stacked along a new first axis (one input)."""
+    if any(isinstance(a, Tensor) for a in arrays):
+        return _stack_traced(arrays)
     if len(arrays) == 1:
         return _make(arrays[0][None])
     try:
@@ -487,6 +536,20 @@ def _stack(arrays: list) -> Tensor:
             f"{shapes}"
         ) from None
     return _make(np.stack(b))
+
+
+def _stack_traced(arrays: list) -> Tensor:
+    """``_stack`` through primitives, for traced index tensors (and constant arrays)."""
+    from kiln.ops.shape import stack
+
+    ts = [a if isinstance(a, Tensor) else _make(np.array(a)) for a in arrays]
+    try:
+        shape = np.broadcast_shapes(*[t._data.shape for t in ts])
+    except ValueError:
+        _stack([t._data for t in ts])  # raises eager's IndexError
+        raise
+    ts = [t if t._data.shape == shape else t.expand(*shape) for t in ts]
+    return stack(ts) if len(ts) > 1 else ts[0].reshape((1,) + shape)
 
 
 # -- getitem / setitem ----------------------------------------------------------------------------
@@ -590,7 +653,8 @@ def setitem(self: Tensor, key, value) -> None:
     else:
         index, dims, arrays = _parse(shape, key)
         indices = _stack(arrays) if dims else None
-        single_mask = isinstance(key, (Tensor, np.ndarray)) and np.asarray(key).dtype == np.bool_
+        single_mask = isinstance(key, (Tensor, np.ndarray)) and (
+            key._data if isinstance(key, Tensor) else key).dtype == np.bool_
     v = _value_operand(self, value, bool(dims), single_mask)
     view = data[_npkey(index)]
     target = _adv_shape(view.shape, indices._data.shape[1:], dims) if dims else view.shape
@@ -757,6 +821,8 @@ def _index_tensor(index, op: str, exc=RuntimeError, what="int32/int64") -> Tenso
     if dt == _I64:
         return index
     if dt == np.int32:
+        if STATE.tracer is not None:
+            return cast(index, "int64")
         return _make(index._data.astype(_I64))
     raise exc(f"{op}(): Expected dtype {what} for index, got {index.dtype.name}")
 
@@ -901,10 +967,12 @@ def _vector_index(index, op: str, n: int, dim: int, exc=RuntimeError,
     idx = _index_tensor(index, op, what="int32 or int64")
     if idx._data.ndim > 1:
         raise IndexError(f"{op}(): Index is supposed to be a vector")
+    traced = STATE.tracer is not None
     if idx._data.ndim == 0:
-        idx = _make(idx._data.reshape(1))
+        idx = idx.reshape(1) if traced else _make(idx._data.reshape(1))
     if negative:
-        return _make(_bounds(idx._data, n, dim, exc, f"{op}(): "))
+        checked = _bounds(idx._data, n, dim, exc, f"{op}(): ")
+        return _wrap_neg(idx, n) if traced else _make(checked)
     _bounds_nonneg(idx, n, dim, op, exc)
     return idx
 
@@ -925,7 +993,7 @@ def index_select(input: Tensor, dim: int, index: Tensor) -> Tensor:
                                f"{idx._data.size} value(s)")
         return _index_view(input, index=())
     idx = _vector_index(index, "index_select", input._data.shape[d], d)
-    return _index(input, _make(idx._data.reshape(1, -1)), dims=(d,))
+    return _index(input, _as_row(idx), dims=(d,))
 
 
 def _index_add_args(input, dim, index, source, op):
@@ -960,7 +1028,7 @@ def index_add(input: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1
     if input._data.ndim == 0:
         return _index_put(input, source.reshape(()), _no_indices(), index=(), dims=(),
                           accumulate=True) if idx._data.size else input.clone()
-    return _index_put(input, source, _make(idx._data.reshape(1, -1)), index=(), dims=(d,), accumulate=True)
+    return _index_put(input, source, _as_row(idx), index=(), dims=(d,), accumulate=True)
 
 
 def index_add_(self: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1) -> Tensor:
@@ -969,7 +1037,7 @@ def index_add_(self: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1
         source = mul(source, alpha)
     if self._data.ndim == 0:
         raise RuntimeError("in-place index_add_ into a 0-d tensor is not supported by kiln")
-    return apply_inplace(_index_put, self, (source, _make(idx._data.reshape(1, -1))),
+    return apply_inplace(_index_put, self, (source, _as_row(idx)),
                          {"index": (), "dims": (d,), "accumulate": True})
 
 
@@ -978,7 +1046,12 @@ def _fill_args(input, dim, index, value, op):
     idx = _vector_index(index, op, input._data.shape[d] if input._data.ndim else 1, d,
                         IndexError, negative=True)
     # Filling twice changes nothing, but a tensor value's gradient counts each slice once.
-    idx = _make(np.unique(idx._data))
+    if STATE.tracer is None:
+        idx = _make(np.unique(idx._data))
+    elif isinstance(value, Tensor) and value._rg:
+        _concrete(idx, f"{op}() with a value that requires grad (its gradient depends on the "
+                       "values of the index: repeated entries count once)")
+        idx = _make(np.unique(idx._data))
     if isinstance(value, Tensor):
         if value._data.ndim != 0:
             raise RuntimeError(f"{op}(): only supports a 0-dimensional value tensor, but got "
@@ -995,14 +1068,14 @@ def index_fill(input: Tensor, dim: int, index: Tensor, value) -> Tensor:
     if input._data.ndim == 0:
         return _index_put(input, value, _no_indices(), index=(), dims=(),
                           accumulate=False) if idx._data.size else input.clone()
-    return _index_put(input, value, _make(idx._data.reshape(1, -1)), index=(), dims=(d,), accumulate=False)
+    return _index_put(input, value, _as_row(idx), index=(), dims=(d,), accumulate=False)
 
 
 def index_fill_(self: Tensor, dim: int, index: Tensor, value) -> Tensor:
     d, idx, value = _fill_args(self, dim, index, value, "index_fill_")
     if self._data.ndim == 0:
         raise RuntimeError("in-place index_fill_ into a 0-d tensor is not supported by kiln")
-    return apply_inplace(_index_put, self, (value, _make(idx._data.reshape(1, -1))),
+    return apply_inplace(_index_put, self, (value, _as_row(idx)),
                          {"index": (), "dims": (d,), "accumulate": False})
 
 
@@ -1017,6 +1090,7 @@ def masked_select(input: Tensor, mask: Tensor) -> Tensor:
             f"masked_select: the size of input {list(input._data.shape)} must match the size "
             f"of mask {list(mask._data.shape)} (broadcastable)"
         ) from None
+    _concrete(mask, "masked_select() (its output shape depends on the values of the mask)")
     x = input.expand(*shape) if input._data.shape != shape else input
     m = np.broadcast_to(mask._data, shape)
     if not shape:
@@ -1036,6 +1110,8 @@ def take(input: Tensor, index: Tensor) -> Tensor:
             raise IndexError(f"take(): out of range: tried to access index "
                              f"{hi if hi >= n else lo} on a tensor of {n} elements.")
         a = np.where(a < 0, a + n, a)
+    if STATE.tracer is not None:
+        return _index(flat, _wrap_neg(idx, n).reshape((1,) + a.shape), dims=(0,))
     return _index(flat, _make(a[None]), dims=(0,))
 
 
@@ -1057,7 +1133,11 @@ def take_along_dim(input: Tensor, indices: Tensor, dim=None) -> Tensor:
                            f"apart from dimension {d}") from None
     xshape, ishape = xb[:d] + [xs[d]] + xb[d + 1:], xb[:d] + [is_[d]] + xb[d + 1:]
     x = input.expand(*xshape) if xshape != xs else input
-    i = _make(np.broadcast_to(idx._data, ishape)) if ishape != is_ else idx
+    if ishape == is_:
+        i = idx
+    else:
+        i = idx.expand(*ishape) if STATE.tracer is not None else _make(
+            np.broadcast_to(idx._data, ishape))
     return gather(x, d, i)
 
 
@@ -1074,6 +1154,7 @@ def nonzero(input: Tensor, *, as_tuple: bool = False):
     tensor([[0, 1],
             [1, 0]])
     """
+    _concrete(input, "nonzero() (its output shape depends on the values)")
     a = input._data
     if as_tuple:
         if a.ndim == 0:
@@ -1197,6 +1278,8 @@ def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
     if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool):
         raise TypeError(f"one_hot(): argument 'num_classes' (position 2) must be int, not "
                         f"{type(num_classes).__name__}")
+    if num_classes == -1:
+        _concrete(tensor, "one_hot(num_classes=-1) (its output shape depends on the values)")
     if a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0:
@@ -1278,6 +1361,11 @@ def embedding(input: Tensor, weight: Tensor, padding_idx=None, max_norm=None,
                                   "by kiln")
     if max_norm is not None and a.size:
         # PyTorch renormalizes the looked-up rows of weight in place, outside autograd.
+        if STATE.tracer is not None:
+            STATE.tracer.unsupported(
+                "embedding(max_norm=...) renormalizes the rows of weight it looks up, which "
+                "depends on the values of the indices and is done outside the primitives; "
+                "renormalize the weight outside the compiled function instead")
         w = weight._data
         rows = np.unique(a)
         norms = np.linalg.norm(w[rows].astype(np.float64), ord=norm_type, axis=1)

@@ -9,11 +9,10 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
-    hyper,
+    group_lr,
     is_capturable,
     scalar_like,
     step_no_grad,
-    to_scalar,
 )
 
 __all__ = ["Adagrad"]
@@ -69,7 +68,7 @@ class Adagrad(Optimizer):
         state_of = self.state
         for group in self.param_groups:
             cap = is_capturable(group)
-            lr = hyper(group, "lr") if cap else to_scalar(group["lr"])
+            lr = group_lr(group, cap)
             weight_decay = group["weight_decay"]
             lr_decay = group["lr_decay"]
             eps = group["eps"]

@@ -10,7 +10,7 @@ from kiln.optim.optimizer import (
     check_lr,
     check_nonneg,
     eval_closure,
-    hyper,
+    group_lr,
     is_capturable,
     scalar_like,
     step_no_grad,
@@ -72,7 +72,7 @@ class Adam(Optimizer):
             beta1, beta2 = group["betas"]
             beta1, beta2 = to_scalar(beta1), to_scalar(beta2)
             cap = is_capturable(group)
-            lr = hyper(group, "lr") if cap else to_scalar(group["lr"])
+            lr = group_lr(group, cap)
             weight_decay = group["weight_decay"]
             eps = group["eps"]
             amsgrad = group["amsgrad"]

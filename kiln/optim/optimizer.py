@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
+from kiln import dtypes
 from kiln.grad_mode import STATE
 from kiln.tensor import Tensor
 
-__all__ = ["Optimizer", "hyper", "is_capturable", "required", "scalar_like"]
+__all__ = ["Optimizer", "group_lr", "hyper", "is_capturable", "required", "scalar_like"]
 
 
 class _RequiredParameter:
@@ -50,6 +51,17 @@ def hyper(group: dict, name: str):
     if tracer is None:
         return group[name]
     return tracer.lift(group, name)
+
+
+def group_lr(group: dict, capturable: bool):
+    """The learning rate a step uses: a Python float on the default path; on the capturable
+    path ``hyper``'s value, with a user's tensor lr taken in float64 as the float would be."""
+    if not capturable:
+        return to_scalar(group["lr"])
+    lr = hyper(group, "lr")
+    if isinstance(lr, Tensor) and lr.dtype != dtypes.float64:
+        return lr.double()
+    return lr
 
 
 def scalar_like(value, t: Tensor):

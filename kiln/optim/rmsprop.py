@@ -9,11 +9,10 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
-    hyper,
+    group_lr,
     is_capturable,
     scalar_like,
     step_no_grad,
-    to_scalar,
 )
 
 __all__ = ["RMSprop"]
@@ -54,7 +53,7 @@ class RMSprop(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = hyper(group, "lr") if is_capturable(group) else to_scalar(group["lr"])
+            lr = group_lr(group, is_capturable(group))
             alpha = group["alpha"]
             eps = group["eps"]
             weight_decay = group["weight_decay"]

@@ -8,11 +8,10 @@ from kiln.optim.optimizer import (
     check_differentiable,
     check_lr,
     eval_closure,
-    hyper,
+    group_lr,
     is_capturable,
     scalar_like,
     step_no_grad,
-    to_scalar,
 )
 
 __all__ = ["SGD"]
@@ -61,7 +60,7 @@ class SGD(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = hyper(group, "lr") if is_capturable(group) else to_scalar(group["lr"])
+            lr = group_lr(group, is_capturable(group))
             weight_decay = group["weight_decay"]
             momentum = group["momentum"]
             dampening = group["dampening"]

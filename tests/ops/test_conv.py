@@ -110,6 +110,32 @@ def test_conv2d_keeps_float32():
     assert {y.dtype, x.grad.dtype, w.grad.dtype} == {kiln.float32}
 
 
+ROW_UNFOLD = [  # stride 1 along H: the row-unfold correlation (rows layout), incl. W stride
+    (3, 4, 7, 9, (3, 3), {"stride": (1, 2), "padding": 1}),
+    (3, 4, 7, 9, (2, 3), {"stride": (1, 3), "dilation": (2, 2), "padding": (1, 2)}),
+    (5, 2, 6, 6, (1, 4), {"padding": (0, 3)}),
+]
+
+
+@pytest.mark.parametrize("cin,cout,H,W,k,kw", ROW_UNFOLD)
+def test_conv2d_row_unfold(cin, cout, H, W, k, kw, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_rows_layout", lambda C, kw, Wo, groups: groups == 1)
+    x, w, b = rand(2, cin, H, W), rand(cout, cin, *k, seed=1), rand(cout, seed=2)
+    check_op(lambda lib, x, w, b: F(lib).conv2d(x, w, b, **kw), [x, w, b], **F32)
+
+
+def test_conv2d_lenet_runs_row_unfold(monkeypatch):
+    """The second LeNet conv: forward and input gradient both run the row-unfold correlation
+    (the input gradient as a full correlation with the flipped kernel, no col2im)."""
+    calls = []
+    real = conv_mod._corr_rows
+    monkeypatch.setattr(conv_mod, "_corr_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = kiln.tensor(rand(2, 16, 14, 14), requires_grad=True)
+    w = kiln.tensor(rand(32, 16, 5, 5, seed=1), requires_grad=True)
+    kiln.conv2d(x, w, padding=2).sum().backward()
+    assert len(calls) == 2
+
+
 # -- conv1d --------------------------------------------------------------------------------------
 
 CONV1D = [
@@ -141,6 +167,8 @@ CONVT2D = [  # (C_in, C_out / groups, H, W, kernel, kwargs)
     (4, 3, 4, 5, (3, 3), {"dilation": 2, "output_padding": 1}),  # output_padding < dilation
     (4, 2, 4, 5, (3, 3), {"groups": 2, "stride": 2, "padding": 1}),
     (4, 1, 3, 3, (4, 4), {"groups": 4, "stride": 2, "padding": 1}),
+    (4, 3, 8, 9, (3, 3), {"padding": (3, 1)}),   # crop beyond the kernel: negative correlation pad
+    (4, 3, 6, 7, (3, 2), {"dilation": (1, 2), "padding": (2, 0)}),
 ]
 
 
@@ -248,7 +276,8 @@ def test_max_pool2d_ties_go_to_the_first():
     x[0, 0] = 1.0  # every window all tied
     for kw in [{"kernel_size": 2}, {"kernel_size": 3, "stride": 1, "padding": 1},
                {"kernel_size": 3, "stride": 2, "ceil_mode": True}]:
-        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
+        check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x],
+                 **EXACT)
         check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, **kw), [x], **EXACT)
 
 
@@ -259,6 +288,28 @@ def test_max_pool2d_nan_wins():
         check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, return_indices=True, **kw), [x],
                  **EXACT, grad=False)
         check_op(lambda lib, x, kw=kw: F(lib).max_pool2d(x, **kw), [x], **EXACT)
+
+
+@pytest.mark.parametrize("kw", [{"kernel_size": 2}, {"kernel_size": (2, 3)},
+                                {"kernel_size": (3, 2), "ceil_mode": True},  # no overhang
+                                {"kernel_size": (1, 2), "stride": (1, 2)}])
+def test_max_pool2d_tiled_indices(kw, monkeypatch):
+    """Windows that tile the input (kernel == stride, no padding; odd sizes crop) take the
+    one-scan index path: ties to the first, the last NaN wins, integers, gradients."""
+    calls = []
+    real = conv_mod._max_tiles_index
+    monkeypatch.setattr(conv_mod, "_max_tiles_index",
+                        lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(5)
+    ties = rng.integers(0, 2, (2, 3, 9, 8)).astype(np.float32)
+    nans = rand(2, 3, 9, 8)
+    nans[rng.random(nans.shape) < 0.2] = np.nan
+    ints = rng.integers(-3, 3, (2, 3, 9, 8))
+    for x in (rand(2, 3, 9, 8), ties, ints):
+        check_op(lambda lib, x: F(lib).max_pool2d(x, return_indices=True, **kw), [x], **EXACT)
+    check_op(lambda lib, x: F(lib).max_pool2d(x, return_indices=True, **kw), [nans], **EXACT,
+             grad=False)
+    assert calls
 
 
 def test_max_pool2d_integer_and_inf():

@@ -26,8 +26,8 @@ def _fold_value(n: Node, args: list):
     if math.prod(n.shape) > FOLD_LIMIT:
         return None
     try:
-        # Any warning (overflow, 0/0) or error (integer division by zero) is left to run time,
-        # where the interpreter would meet it; folding never changes what a run reports.
+        # A floating-point warning (overflow, 0/0, log(0); underflow aside) or an error (integer
+        # division by zero) is left to run time, so folding never changes what a run reports.
         with np.errstate(all="raise", under="ignore"):
             out = prim.impl(*args, **n.attrs)
     except Exception:

@@ -12,11 +12,15 @@ The plan is for an executor that runs ``g.nodes`` in order.  Its contract:
   ``out`` is that input: true for one ufunc call; a multi-step or fused kernel must read all of
   its inputs before it first writes ``out`` (e.g. write ``out=`` only in its last step);
 - every other node's result is whatever its kernel returns (fresh, or a view for view ops);
-- after running node ``n`` the executor may drop its references to ``free_after[n]``.
+- after running node ``n`` the executor may drop its references to ``free_after[n]``;
+- the values in ``copy_before_update`` (outputs or update values) are, or are views of, a
+  state input that is updated: the executor replaces them with copies before it writes the
+  updates back, so that the write-back cannot change them.
 
-Aliasing: the value of a view primitive shares its first input's storage, and ``copy``
-returns its source (input 1) itself; the planner follows these chains, so a buffer stays busy
-while any alias of it is live, and no alias of a buffer is ever an output the user receives.
+Aliasing: the value of a view primitive shares its first input's storage, and a few other
+primitives may return an input (``_RETURNS_INPUT``); the planner follows these chains, so a
+buffer stays busy while any alias of it is live, and no alias of a buffer is ever an output
+the user receives.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
-from kiln.graph.ir import Graph, Node
+from kiln.graph.ir import Graph, GraphError, Node
 
 _FOREVER = float("inf")
 
-# Non-view primitives whose impl may return one of its inputs (by position) unchanged.
-_RETURNS_INPUT = {"copy": 1}
+# Non-view primitives whose impl may return (a view of) one of its inputs, by position: copy
+# returns its source; roll with no shifts and the gathers on some layouts return their data.
+_RETURNS_INPUT = {"copy": 1, "roll": 0, "gather": 0, "pick_along": 0, "pool_gather": 0}
 
 
 @dataclass
@@ -39,8 +44,12 @@ class MemoryPlan:
 
     slot_of: dict = field(default_factory=dict)  # Node -> buffer slot it writes into (out=)
     slots: list = field(default_factory=list)  # slot -> (shape, numpy dtype); shape may hold Sym
-    free_after: dict = field(default_factory=dict)  # Node -> [values last read by it]
+    # Node -> [values last read by it]; a value that nothing reads is listed under itself
+    free_after: dict = field(default_factory=dict)
     inplace: dict = field(default_factory=dict)  # Node -> graph input whose storage it writes
+    # Outputs and update values that share storage with an updated input: the executor copies
+    # them before it writes the updates back, which would otherwise change them.
+    copy_before_update: list = field(default_factory=list)
 
 
 def aliased_input(n: Node) -> Node | None:
@@ -97,6 +106,9 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
     alias_safe = alias_safe or _default_alias_safe
     pos: dict[Node, float] = {n: -1 for n in g.inputs}
     pos.update({n: k for k, n in enumerate(g.nodes)})
+    for p, n in updates.items():
+        if pos.get(p) != -1 or n not in pos:
+            raise GraphError(f"update of %{p.id} by %{n.id}: not an input and a value of the graph")
     names = g.outputs if returned is None else returned
     outputs = {g.outputs[k] for k in names}
     pinned = set(g.outputs.values()) | set(updates.values())  # needed after the last node runs
@@ -125,14 +137,17 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
         if v in outputs:
             escapes.add(r)
 
+    updated = set(updates)
+    values = dict.fromkeys([*g.outputs.values(), *updates.values()])  # ordered, no repeats
+    result.copy_before_update = [v for v in values if root[v] in updated]
+
     def computes_fresh(n: Node) -> bool:
         return (n.op not in ("input", "const") and root[n] is n and n not in escapes
                 and writes_out(n))
 
     for p, n in updates.items():
-        if (pos.get(p) == -1 and n in pos and computes_fresh(n) and n not in result.inplace
-                and n.shape == p.shape and n.dtype == p.dtype and root[p] is p
-                and busy_until[p] <= pos[n]):
+        if (computes_fresh(n) and n not in result.inplace and n.shape == p.shape
+                and n.dtype == p.dtype and busy_until[p] <= pos[n]):
             reads = [i for i in n.inputs if root[i] is p]
             # n may still read p itself (p - lr * g), but not through a view of p.
             if not reads or (alias_safe(n) and all(i is p for i in reads)):

@@ -514,12 +514,13 @@ class Module:
         """Reset the gradients of all parameters: to None (default) or to zeros."""
         for p in self.parameters():
             g = p.grad
+            if set_to_none and STATE.tracer is not None:
+                # kiln.compile replays this at every run, also when .grad is None now
+                STATE.tracer.on_zero_grad(p)
             if g is None:
                 continue
             if set_to_none:
                 p.grad = None
-                if STATE.tracer is not None:
-                    STATE.tracer.on_zero_grad(p)
             else:
                 if g._node is not None:
                     g.detach_()
