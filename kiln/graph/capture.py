@@ -262,6 +262,9 @@ class Tracer:
 
         states = {key: (weakref.ref(t), n) for key, (t, n) in self.pending.items()
                   if key in self.mutated}
+        # the graph outputs follow the order of the writes, whatever settles here: a later trace
+        # (where this state already exists) must list them the same way for unify to merge them
+        order = list(self.mutated)
         mutated = {key: self.mutated.pop(key) for key in states}
         mutated = {key: (weakref.ref(t), n) for key, (t, n) in mutated.items()}
         refs = []
@@ -290,6 +293,7 @@ class Tracer:
             else:  # a temporary written in place: its first value is a constant
                 n.op, n.kind = "const", ""
                 consts.append(n)
+        self.mutated = {key: self.mutated[key] for key in order if key in self.mutated}
         for _t, n in self.pending.values():
             n.op, n.kind = "const", ""
             consts.append(n)

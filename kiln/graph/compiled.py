@@ -417,7 +417,7 @@ class CompiledFunction:
         # a constant output is the same array at every call: hand out copies of it
         e.copied = {k for k in e.out_names if e.graph.outputs[k].op == "const"}
         e.run = _executor(e.graph, _updates_map(e, e.graph), self.backend,
-                          f"{self.__name__} #{self._counter}")
+                          self.__name__)
 
     # -- names -------------------------------------------------------------------------------------
     def _nice(self, path: str) -> str:

@@ -1307,7 +1307,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Exact GELU in float32 (float16 goes through float32): Phi(x) = sigmoid(x Q(x^2)), Q of degree
 # 6 fitted (weighted minimax) to logit(Phi(x)) / x on [0, 5.5]; the error in Phi is under 1e-7
 # (float32 rounding) and below 3e-7 relative to |x| on gelu itself, against float64.  Then
-# gelu(x) = x / (1 + exp(-x Q(x^2))): 19 numpy passes instead of 28 through erf.  x^2 is capped
+# gelu(x) = x / (1 + exp(-x Q(x^2))): 18 numpy passes instead of 28 through erf.  x^2 is capped
 # at 5.5^2, past which Phi rounds to 0 or 1 and x Q stays monotonic; exp overflowing to inf
 # gives -0 for very negative x.  Coefficients negated (exp takes -x Q), highest power first.
 _GELU32_NEG_Q = tuple(-c for c in (
