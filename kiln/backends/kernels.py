@@ -165,13 +165,31 @@ def _k_where(out, cond, x, y):
     return out
 
 
+# Same-size unsigned integer views of the float dtypes: the bit patterns kernels copy exactly.
+_BITS = {np.dtype(np.float16): np.uint16, np.dtype(np.float32): np.uint32,
+         np.dtype(np.float64): np.uint64}
+
+
 @_kernel("relu_backward", _same_float, unsafe=())
 def _k_relu_backward(out, g, y):
-    off = np.asarray(y > 0)  # computed first, so out may alias y or g
-    np.logical_not(off, out=off)
-    np.copyto(out, g)
-    np.copyto(out, 0, where=off)
+    # np.where(y > 0, g, 0) as integers: g's bits times 1 where y > 0 and times 0 elsewhere give
+    # exactly g (NaN payloads, -0.0) or +0.0; one SIMD multiply instead of a masked copy (~7x).
+    keep = np.greater(y, 0)  # computed first, so out may alias y or g
+    bits = _BITS[out.dtype]
+    np.multiply(np.asarray(g).view(bits), keep, out=out.view(bits))
     return out
+
+
+@_kernel("pow", _same_float, unsafe=())
+def _k_pow(out, a, b):
+    # the impl's float branches: x ** 2 is a square and x ** 0.5 a sqrt (one ufunc call each)
+    if b.ndim == 0:
+        e = b.item()
+        if e == 2:
+            return np.square(a, out=out)
+        if e == 0.5:
+            return np.sqrt(a, out=out)
+    return np.power(a, b, out=out)
 
 
 @_kernel("tanh_backward", _equal_shapes, unsafe=(0,))

@@ -124,6 +124,9 @@ class Entry:
         self.grad_none: list = []  # leaves whose .grad must be None at call time
         self.captured: list = []  # tensors read at every call, in graph input order
         self.captured_types: list = []  # (shape, dtype) per captured tensor
+        # index in captured -> the leaf (or argument index) whose .grad that tensor was: backward
+        # outside the function makes a new .grad each step, so it is read through the leaf
+        self.grad_of: dict = {}
         self.lifted: list = []  # (dict, key)
         self.out_spec = None
         self.out_names: list = []
@@ -172,10 +175,29 @@ class Entry:
         for leaf in self.grad_none:
             if (leaves[leaf] if type(leaf) is int else leaf).grad is not None:
                 return "a parameter's .grad was not None (gradients accumulate)"
-        for t, (shape, dtype) in zip(self.captured, self.captured_types):
+        for t, (shape, dtype) in zip(self.live(leaves), self.captured_types):
+            if t is None:
+                return "a parameter's .grad that the function reads was None"
             if t._data.shape != shape or t._data.dtype != dtype:
                 return f"a captured tensor changed to {t._data.dtype}{list(t._data.shape)}"
         return ""
+
+
+    def live(self, leaves: list) -> list:
+        """The captured tensors to read at this call (a parameter's current ``.grad``)."""
+        if not self.grad_of:
+            return self.captured
+        out = list(self.captured)
+        for i, leaf in self.grad_of.items():
+            out[i] = (leaves[leaf] if type(leaf) is int else leaf).grad
+        return out
+
+    def captured_keys(self) -> list:
+        """What each captured input stands for, comparable between two traces."""
+        keys = [id(t) for t in self.captured]
+        for i, leaf in self.grad_of.items():
+            keys[i] = ("grad", leaf if type(leaf) is int else id(leaf))
+        return keys
 
 
 def _group_snapshot(group: dict) -> tuple:
@@ -233,12 +255,16 @@ class CompiledFunction:
 
     def _run(self, e: Entry, leaves: list):
         arrays = [t._data for t in leaves]
-        arrays += [t._data for t in e.captured]
+        captured = e.live(leaves)
+        arrays += [t._data for t in captured]
         arrays += [np.array(d[k], np.float64) for d, k in e.lifted]
         outs = e.run(arrays)
+        swap = {id(t): c for t, c in zip(e.captured, captured) if t is not c}
         for t, name in e.updates:
             if type(t) is int:
                 t = leaves[t]
+            elif swap:
+                t = swap.get(id(t), t)
             a = outs[name]
             if a is not t._data:
                 np.copyto(t._data, a, casting="unsafe")
@@ -375,6 +401,10 @@ class CompiledFunction:
         by_node = {n: t for t, n in tracer.captured.values()}
         e.captured = [by_node[n] for n in captured]
         e.captured_types = [(t._data.shape, t._data.dtype) for t in e.captured]
+        grad_owner = {id(leaf.grad): leaf for leaf in list(e.captured) + leaves
+                      if leaf.grad is not None}
+        e.grad_of = {i: target(grad_owner[id(t)]) for i, t in enumerate(e.captured)
+                     if id(t) in grad_owner}
         g.inputs = ([n for n in g.inputs if n.kind == "arg"] + captured +
                     [n for n in g.inputs if n.kind == "lifted"])
         e.traced = g
@@ -399,7 +429,7 @@ class CompiledFunction:
             g = unify(old.traced, new.traced, "B", n1, n2)
         except CannotUnify:
             return None
-        if ([id(t) for t in old.captured] != [id(t) for t in new.captured]
+        if (old.captured_keys() != new.captured_keys()
                 or old.out_names != new.out_names):
             return None
         new.traced = g
@@ -433,21 +463,16 @@ class CompiledFunction:
         return path
 
     def _roots(self, args) -> list:
+        """(name, object) pairs the function can reach by name, for naming captured tensors:
+        its closure and the globals it uses, one level into the functions among them too."""
         fn = self.fn
         roots = []
         if not inspect.isfunction(fn) and not inspect.ismethod(fn):
             roots.append(("model" if hasattr(fn, "parameters") else "self", fn))
-        code = getattr(fn, "__code__", None)
         if inspect.ismethod(fn):
             roots.append(("self", fn.__self__))
-        if code is not None:
-            for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
-                try:
-                    roots.append((name, cell.cell_contents))
-                except ValueError:
-                    pass
-            glb = getattr(fn, "__globals__", {})
-            roots += [(n, glb[n]) for n in code.co_names if n in glb]
+        roots += _names_in(fn)
+        roots += [r for _, f in list(roots) if inspect.isfunction(f) for r in _names_in(f)]
         roots += [(p, a) for p, a in zip(self._params, args)]
         return roots
 
@@ -463,6 +488,11 @@ class CompiledFunction:
                     names.setdefault(id(b), f"{root}.{k}")
             elif isinstance(obj, Tensor):
                 names.setdefault(id(obj), root)
+            elif isinstance(obj, (dict, list, tuple)):  # e.g. a dict of parameter tensors
+                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+                for k, v in items:
+                    if isinstance(v, Tensor):
+                        names.setdefault(id(v), f"{root}[{k!r}]")
         for root, obj in self._roots(args):
             state = getattr(obj, "state", None)
             if isinstance(state, dict) and hasattr(obj, "param_groups"):
@@ -515,6 +545,21 @@ def _updates_map(e: Entry, g: Graph | None = None) -> dict:
     index = {id(t): i for i, t in enumerate(e.captured)}
     return {g.inputs[t] if type(t) is int else nodes[index[id(t)]]: g.outputs[name]
             for t, name in e.updates}
+
+
+def _names_in(fn) -> list:
+    """The closure variables and used globals of a Python function, as (name, value)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    out = []
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            out.append((name, cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            pass
+    glb = getattr(fn, "__globals__", {})
+    return out + [(n, glb[n]) for n in code.co_names if n in glb]
 
 
 def _batch_change(old_shapes, new_shapes) -> list:

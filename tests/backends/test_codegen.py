@@ -117,6 +117,13 @@ def _cases():
             cases.append((name, [rand((3, 4), dt, 5), y], {}))
             cases.append((name, [rand((), dt, 5), rand((), dt, 6)], {}))
         cases.append(("relu_backward", [rand((4,), dt, 5), y], {}))
+        for e in (2.0, 0.5, 3.0, -1.5, 0.0, np.nan):
+            cases.append(("pow", [rand((3, 4), dt, 6), np.array(e, dt)], {}))
+        cases.append(("pow", [np.abs(rand((3, 4), dt, 6)), rand((3, 4), dt, 7)], {}))
+        cases.append(("pow", [rand((4,), dt, 6), rand((3, 4), dt, 7)], {}))
+        cases.append(("pow", [np.array(0.999, dt), rand((), dt, 8)], {}))
+        relu_y = np.abs(rand((64, 16, 9), dt, 9)) * np.sign(rand((64, 16, 9), dt, 10))
+        cases.append(("relu_backward", [rand((64, 16, 9), dt, 11), relu_y], {}))
         for sa, sb, ta, tb in (((5, 3), (3, 4), False, False), ((3, 5), (3, 4), True, False),
                                ((5, 3), (4, 3), False, True), ((3, 5), (4, 3), True, True),
                                ((2, 5, 3), (3, 4), False, False), ((2, 5, 3), (4, 3), False,
