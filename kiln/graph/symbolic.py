@@ -55,12 +55,23 @@ def resolve(obj: Any, env: dict) -> Any:
     if isinstance(obj, Sym):
         return obj.value(env)
     if isinstance(obj, tuple):
-        return tuple(resolve(x, env) for x in obj)
+        return rebuild(obj, [resolve(x, env) for x in obj])
     if isinstance(obj, list):
         return [resolve(x, env) for x in obj]
     if isinstance(obj, dict):
         return {k: resolve(v, env) for k, v in obj.items()}
     return obj
+
+
+def rebuild(like, items: list):
+    """A tuple or list of ``like``'s type holding ``items`` (tuple subclasses such as
+    ``kiln.ops.index.Slice`` take their fields as arguments, ``kiln.Size`` an iterable)."""
+    cls = type(like)
+    if cls in (tuple, list):
+        return cls(items)
+    if cls.__new__ is not tuple.__new__ and hasattr(like, "__getnewargs__"):
+        return cls(*items)
+    return cls(items)
 
 
 class CannotUnify(Exception):
@@ -90,7 +101,7 @@ def unify_value(a: Any, b: Any, name: str, n1: int, n2: int) -> Any:
     if isinstance(a, (tuple, list)):
         if len(a) != len(b):
             raise CannotUnify(f"{a!r} vs {b!r}")
-        return type(a)(unify_value(x, y, name, n1, n2) for x, y in zip(a, b))
+        return rebuild(a, [unify_value(x, y, name, n1, n2) for x, y in zip(a, b)])
     if isinstance(a, dict):
         if a.keys() != b.keys():
             raise CannotUnify(f"attributes {sorted(a)} vs {sorted(b)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.graph.ir import Graph, Node
-from kiln.graph.symbolic import CannotUnify, unify_value
+from kiln.graph.symbolic import CannotUnify, rebuild, unify_value
 
 
 def unify(a: Graph, b: Graph, name: str, n1: int, n2: int) -> Graph:
@@ -61,7 +61,7 @@ def _unify_attrs(x, y, name, n1, n2):
     if isinstance(x, (tuple, list)):
         if type(x) is not type(y) or len(x) != len(y):
             raise CannotUnify(f"{x!r} vs {y!r}")
-        return type(x)(_unify_attrs(p, q, name, n1, n2) for p, q in zip(x, y))
+        return rebuild(x, [_unify_attrs(p, q, name, n1, n2) for p, q in zip(x, y)])
     if isinstance(x, np.ndarray):
         if not isinstance(y, np.ndarray) or x.shape != y.shape or not np.array_equal(x, y):
             raise CannotUnify("array attributes differ")

@@ -1272,7 +1272,19 @@ def _relu_vjp(g, node):
 @primitive("relu_backward", traits={"elementwise"}, save=(1,))
 def _relu_backward(g, y):
     # the gradient at exactly 0 is 0 (PyTorch's threshold_backward on the result)
-    return np.where(y > 0, g, np.zeros((), g.dtype))
+    bits = _SAME_SIZE_INT.get(g.dtype)
+    if bits is None or g.shape != y.shape:
+        return np.where(y > 0, g, np.zeros((), g.dtype))
+    # g's bits AND an all-ones/all-zeros mask: +0.0 where y <= 0 (even for inf/nan in g),
+    # bitwise what np.where gives, in SIMD passes (np.where on floats is ~5x slower)
+    mask = np.negative((y > 0).view(np.int8), dtype=bits)
+    out = np.empty_like(g)
+    np.bitwise_and(g.view(bits), mask, out=out.view(bits))
+    return out
+
+
+_SAME_SIZE_INT = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64,
+                  np.dtype(np.float16): np.int16}
 
 
 @_relu_backward.def_vjp
