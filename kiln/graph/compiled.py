@@ -302,7 +302,8 @@ class CompiledFunction:
         if entry.eager:
             line += f" (runs eagerly: {entry.reason})"
         self.history.append(line)
-        _debug(1, line)
+        _debug(1, line if entry.eager else f"{line}: {len(entry.traced.nodes)} nodes traced -> "
+               f"{len(entry.graph.nodes)} after optimization")
         recompiles = len(self.history) - 1
         if recompiles >= 2 and not self._warned and not (merge is not None and self.dynamic):
             self._warned = True
