@@ -152,7 +152,12 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, **kwargs) -> None:
     if hasattr(f, "write"):
         f.write(stnp.save(arrays, metadata=metadata))
         return
-    path = os.fspath(f)
+    write_atomic(stnp, arrays, metadata, os.fspath(f))
+
+
+def write_atomic(stnp, arrays: dict, metadata: dict, path: str) -> None:
+    """Write a safetensors file so that a crash at any moment leaves the old file or the new
+    one, never a torn file: temporary file, fsync, rename, fsync of the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 
 import numpy as np
 
 from kiln.export.graph_json import Decoder, Encoder, InvalidArtifact, decode_graph, encode_graph
 from kiln.export.program import ExportedProgram
+from kiln.serialization import write_atomic
 
 __all__ = ["export", "load_exported", "FORMAT", "FORMAT_VERSION", "InvalidArtifact"]
 
@@ -105,7 +105,7 @@ def export(model_or_fn, example_inputs, path, dynamic_dims=None) -> None:
            "checksums": {k: _crc(a) for k, a in tensors.items()}}
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
     metadata = {"format": FORMAT, _DOC: text, _DOC_CRC: str(zlib.crc32(text.encode()))}
-    _write_atomic(stnp, tensors, metadata, os.fspath(path))
+    write_atomic(stnp, tensors, metadata, os.fspath(path))
 
 
 def _rename_tensor(obj, old: str, new: str) -> None:
@@ -118,31 +118,6 @@ def _rename_tensor(obj, old: str, new: str) -> None:
     elif isinstance(obj, list):
         for v in obj:
             _rename_tensor(v, old, new)
-
-
-def _write_atomic(stnp, tensors: dict, metadata: dict, path: str) -> None:
-    from kiln.serialization import _file_mode, _fsync_dir
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        os.close(fd)
-        stnp.save_file(tensors, tmp, metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -357,11 +357,9 @@ class CompiledFunction:
         e.lifted = [(d, k) for d, k, _, _ in tracer.lifted]
         e.out_spec = out_spec
         if grad_mode and not tracer.saw_backward and any(t._rg for t in out_leaves):
-            e.eager = True
-            e.reason = ("its outputs require grad and it does not call backward; compile the "
-                        "whole training step, or call it under kiln.no_grad() for inference")
-            warnings.warn(f"kiln.compile: {self.__name__} {e.reason}; running it eagerly",
-                          stacklevel=4)
+            self._run_eagerly(e, "its outputs require grad and it does not call backward; "
+                                 "compile the whole training step, or call it under "
+                                 "kiln.no_grad() for inference")
             return result, e
         g = tracer.graph
         STATE.tracer = tracer  # node_of may meet constants made by the function
@@ -413,12 +411,15 @@ class CompiledFunction:
             self._escapes += 1
             if self._escapes < 2:
                 return result, None  # perhaps one-time initialisation: trace again next call
-            e.eager = True
-            e.reason = ("it keeps tensors it computes (in a list, a global or an attribute), "
-                        "which a compiled graph could not update; return them instead")
-            warnings.warn(f"kiln.compile: {self.__name__} {e.reason}; running it eagerly",
-                          stacklevel=4)
+            self._run_eagerly(e, "it keeps tensors it computes (in a list, a global or an "
+                                 "attribute), which a compiled graph could not update; return "
+                                 "them instead")
         return result, e
+
+    def _run_eagerly(self, e: Entry, reason: str) -> None:
+        e.eager, e.reason = True, reason
+        warnings.warn(f"kiln.compile: {self.__name__} {reason}; running it eagerly",
+                      stacklevel=5)
 
     def _merge(self, old: Entry, new: Entry):
         """One entry for both batch sizes, or None when the traces differ in other ways."""

@@ -77,6 +77,14 @@ class Graph:
         g.outputs = dict(self.outputs)
         return g
 
+    def rebuilt(self, nodes: list, remap: dict) -> Graph:
+        """A copy with ``nodes`` as its body and outputs redirected through ``remap`` (a pass's
+        old node -> new node map); inputs are kept."""
+        g = self.copy()
+        g.nodes = nodes
+        g.outputs = {k: remap.get(v, v) for k, v in self.outputs.items()}
+        return g
+
     # -- reading ---------------------------------------------------------------------------------
     def users(self) -> dict[Node, list[Node]]:
         """For every node, the nodes that read it (outputs are not listed)."""

@@ -70,7 +70,4 @@ def fold(g: Graph) -> Graph:
         if m is not n:
             new[n] = m
         nodes.append(m)
-    out = g.copy()
-    out.nodes = nodes
-    out.outputs = {k: new.get(v, v) for k, v in g.outputs.items()}
-    return out
+    return g.rebuilt(nodes, new)
