@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from kiln.backends.kernels import OUT_KERNELS, UFUNCS, UNSAFE, kernel_accepts
+from kiln.backends.kernels import FRESH, OUT_KERNELS, UFUNCS, UNSAFE, kernel_accepts
 from kiln.graph.ir import Graph, Node, format_node, type_str
 from kiln.graph.symbolic import Sym, has_sym, resolve
 
@@ -356,6 +356,12 @@ class _Gen:
             self.fallbacks.append((n, why))  # in place: the impl's result is copied in
         elif target is not None and target[2] == "slot":
             self.fallbacks.append((n, "no out-kernel accepts this node"))
+        elif target is None and n.op in FRESH and kernel_accepts(n):
+            fresh = f"_empty({self.shape_src(n.shape)}, {self.bind(f'dt_{n.id}', n.dtype)})"
+            self.emit(f"    {v} = {self._kernel_call(n, args, attrs, fresh)}{self.comment(n)}",
+                      n)
+            self.set_storage(n, [("f", n.id)])
+            return
         impl = self.bind(f"impl_{n.op}", _impl(n.op))
         call = f"{impl}({args}{attrs})"
         if target is not None and target[2] == "inplace":
@@ -497,8 +503,11 @@ class _Gen:
                 self.emit(f"    {v} = {self._kernel_call(b, args, attrs, out)}{c}", n)
                 continue
             buf = None
+            # the output buffer is no place for a value the last op reads after writing it
+            late = UNSAFE.get(out_node.op, ()) if kernel_accepts(out_node) else ()
+            read_late = any(x is b and q in late for q, x in enumerate(out_node.inputs))
             for t in temps:
-                if shapes[t] == sig and free(t, b, p, unsafe):
+                if shapes[t] == sig and free(t, b, p, unsafe) and not (t == out and read_late):
                     buf = t
                     break
             if buf is None:

@@ -10,8 +10,9 @@ from kiln.graph.ir import Graph, format_graph, verify
 # (module under kiln.graph.passes, function): each is a pure Graph -> Graph function
 # cse runs again after fold and simplify, which can make new duplicates (equal constants, two
 # rebuilt nodes); dce then drops what the rewrites left unused, before fusion groups the rest.
+# concat_slices runs after the rewrites that could drop its "+ 0.0" and before fusion.
 PIPELINE = [("dce", "dce"), ("cse", "cse"), ("fold", "fold"), ("simplify", "simplify"),
-            ("cse", "cse"), ("dce", "dce"), ("fuse", "fuse")]
+            ("cse", "cse"), ("dce", "dce"), ("concat_slices", "concat_slices"), ("fuse", "fuse")]
 
 
 def optimize(g: Graph, check: bool | None = None):

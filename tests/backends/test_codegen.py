@@ -10,7 +10,7 @@ import pytest
 import kiln  # noqa: F401  (registers the primitives)
 from kiln.backends.codegen import Executor
 from kiln.backends.interpreter import run
-from kiln.backends.kernels import OUT_KERNELS, UFUNCS, UNSAFE, writes_out
+from kiln.backends.kernels import OUT_KERNELS, UFUNCS, UNSAFE, _occurrence_levels, writes_out
 from kiln.graph.ir import Graph, verify
 from kiln.graph.symbolic import Sym
 from kiln.ops.registry import REGISTRY
@@ -100,6 +100,9 @@ def _cases():
     for name in ("logical_and", "logical_or", "logical_xor"):
         cases.append((name, bools, {}))
         cases.append((name, [np.array(True), bools[0]], {}))
+    for x, y in ((rand_int((4, 5)), rand_int((4, 5), seed=2)),
+                 (rand((4, 5), seed=1) > 0, rand((4, 5), seed=2) > 0)):
+        cases.append(("where", [rand((4, 5), seed=9) > 0, x, y], {}))
     for src, dst in ((F32, F64), (F64, F32), (F32, np.int64), (np.int64, F32), (F32, np.bool_),
                      (np.bool_, F32), (np.int64, np.int32), (F32, np.float16)):
         a = rand((3, 4), F32, 3, special=False) * 1e3
@@ -111,6 +114,10 @@ def _cases():
         cases.append(("where", [cond, rand((3, 4), dt, 1), rand((3, 4), dt, 2)], {}))
         cases.append(("where", [cond[:1], rand((3, 1), dt, 1), rand((), dt, 2)], {}))
         cases.append(("where", [np.array(False), rand((), dt, 1), rand((), dt, 2)], {}))
+        big = rand((6, 50), dt, 3)
+        cases.append(("where", [rand((6, 50), seed=4) > 0, big, rand((6, 50), dt, 5)], {}))
+        cases.append(("where", [rand((6, 50), seed=4) > 0, np.array(-np.inf, dt), big], {}))
+        cases.append(("where", [rand((6, 50), seed=4) > 0, rand((50,), dt, 6), big], {}))
         y = rand((3, 4), dt, 4)
         y[0, :3] = [0.0, -0.0, np.nan]
         for name in ("relu_backward", "tanh_backward", "sigmoid_backward"):
@@ -122,6 +129,24 @@ def _cases():
         cases.append(("pow", [np.abs(rand((3, 4), dt, 6)), rand((3, 4), dt, 7)], {}))
         cases.append(("pow", [rand((4,), dt, 6), rand((3, 4), dt, 7)], {}))
         cases.append(("pow", [np.array(0.999, dt), rand((), dt, 8)], {}))
+        cases.append(("cat", [rand((2, 3), dt, 1), rand((2, 1), dt, 2), rand((2, 4), dt, 3)],
+                      {"dim": 1}))
+        cases.append(("cat", [rand((4, 2, 3), dt, 1).transpose(1, 0, 2), rand((1, 4, 3), dt, 2)],
+                      {"dim": 0}))
+        table = rand((7, 3), dt, 1)
+        for rows in (np.array([[3, 0, 3], [6, 3, 1]]), np.array([[2, 4, 5]]),  # repeats, none
+                     np.array([[5, 5, 5, 5]]), np.array([[1, -1, 2]]),  # one row mostly, < 0
+                     np.array([[2, 6, 2, 0, 1, 2, 4, 5, 3, 6, 0, 1, 3, 4, 5, 2, 0, 6]])):
+            vals = rand(rows.shape[1:] + (3,), dt, 2)
+            cases.append(("index_put", [table, vals, rows],
+                          {"index": (), "dims": (0,), "accumulate": True}))
+            cases.append(("index_put", [np.broadcast_to(np.zeros((), dt), (7, 3)), vals,
+                                        rows], {"index": (), "dims": (0,), "accumulate": True}))
+        rows = np.random.default_rng(3).integers(0, 64, (1, 8, 40))  # an embedding backward
+        assert len(_occurrence_levels(rows[0].reshape(-1))) > 2  # the level path runs
+        cases.append(("index_put", [np.broadcast_to(np.zeros((), dt), (64, 5)),
+                                    rand((8, 40, 5), dt, 4), rows],
+                      {"index": (), "dims": (0,), "accumulate": True}))
         relu_y = np.abs(rand((64, 16, 9), dt, 9)) * np.sign(rand((64, 16, 9), dt, 10))
         cases.append(("relu_backward", [rand((64, 16, 9), dt, 11), relu_y], {}))
         for sa, sb, ta, tb in (((5, 3), (3, 4), False, False), ((3, 5), (3, 4), True, False),
@@ -187,6 +212,23 @@ def test_kernel_bitwise_equals_impl(name, arrays, attrs):
 def test_ufunc_entries_are_the_kernels():
     for name, (ufunc, _extra) in UFUNCS.items():
         assert isinstance(ufunc, np.ufunc) and UNSAFE[name] == frozenset(), name
+
+
+def test_fresh_kernels_run_for_outputs_without_a_buffer():
+    """An embedding gradient is a graph output (no planned buffer): its faster kernel still
+    runs, on a new array each call, and matches the interpreter."""
+    g = Graph()
+    tok = g.add_input("tok", (1, 4, 30), np.int64)
+    gy = g.add_input("gy", (4, 30, 6), F32)
+    zeros = g.add_const(np.broadcast_to(np.zeros((), F32), (50, 6)))
+    g.outputs["grad"] = g.add("index_put", [zeros, gy, tok],
+                              {"index": (), "dims": (0,), "accumulate": True})
+    ex = Executor(g, None, "embedding_backward")
+    assert "k_index_put(_empty((50, 6), " in ex.source
+    arrays = [np.random.default_rng(1).integers(0, 50, (1, 4, 30)), rand((4, 30, 6), F32, 2)]
+    first = ex(arrays)["grad"]
+    assert same(first, run(g, arrays)["grad"])
+    assert ex(arrays)["grad"] is not first
 
 
 # -- graphs built by hand ------------------------------------------------------------------------
@@ -363,11 +405,14 @@ def test_fused_node_matches_interpreter(planned):
     body = f.attrs["body"]
     for b in body.nodes:  # one statement per body op (the constant is a global)
         hits = [ln for ln in lines if f"# %{f.id} fused: %{b.id} {b.op} " in ln]
-        assert len(hits) == (0 if b.op == "const" else 1 if b.op != "where" else 2), b
-    if planned:  # the intermediates of the output's shape and dtype go into its buffer
+        assert len(hits) == (0 if b.op == "const" else 1), b  # where: no copy into out
+    if planned:  # the intermediates of the output's shape and dtype go into its buffer, but
+        # not tanh's result, which where reads after it starts writing the output
         out = f"out=b{plan.slot_of[f]})"
         assert [ln.split("(")[0].strip() for ln in lines if out in ln] == [
-            "u_multiply", "u_add", "u_tanh"]
+            "u_multiply", "u_add"]
+        assert any(ln.strip().startswith(f"v{f.id} = k_where(b{plan.slot_of[f]}, ")
+                   for ln in lines)
     for seed in range(2):
         a = [rand((8, 4), F32, seed), rand((8, 4), F32, seed + 1), rand((4,), F32, seed + 2)]
         assert_same_outputs(ex(a), run(g, a))
@@ -385,6 +430,27 @@ def test_fused_node_reading_its_output_buffer_in_place():
     got = ex(a)
     assert got["f"] is a[1]
     assert_same_outputs(got, want)
+
+
+def test_fused_where_keeps_its_late_read_operand_out_of_the_output_buffer():
+    """where reads x after it starts writing out: a body value in position 1 goes to a
+    temporary, so the result is written straight into the output (no extra copy)."""
+    from kiln.graph.passes.fuse import fuse
+    from kiln.graph.passes.memory import plan as real_plan
+
+    g = Graph()
+    tok = g.add_input("tok", (4, 6), np.int64)
+    wrapped = g.add("where", [g.add("lt", [tok, g.add_const(np.array(0))]),
+                              g.add("add", [tok, g.add_const(np.array(65))]), tok])
+    table = g.add_input("table", (70, 3), F32)
+    g.outputs["out"] = g.add("index", [table, g.add("reshape", [wrapped], {"shape": (1, 24)})],
+                             {"dims": (0,)})
+    f = fuse(g)
+    assert [n.attrs.get("ops") for n in f.nodes if n.op == "fused"] == ["lt+add+where"]
+    ex = Executor(f, real_plan(f, writes_out, {}), "wrap")
+    assert "_copyto" not in ex.source and "k_where(" in ex.source
+    arrays = [rand_int((4, 6)), rand((70, 3), F32, 1)]
+    assert_same_outputs(ex(arrays), run(g, arrays))
 
 
 def sym_graph():
@@ -440,7 +506,8 @@ def test_fused_node_with_dynamic_batch():
         a = [rand((batch, 4), F32, batch)]
         assert_same_outputs(ex(a), run(g, a))
     assert [b.shape for b in ex.buffers[(2,)]] == [(2, 4), (2, 4), (2, 4)]
-    assert ex.buffers[(2,)][1].dtype == np.bool_
+    assert sorted(b.dtype.name for b in ex.buffers[(2,)]) == ["bool", "float32", "float32"]
+    assert "_copyto" not in ex.source  # sq, read late by where, is kept out of the output
 
 
 def test_sym_with_offset_binds_the_dimension():

@@ -7,7 +7,7 @@ import pytest
 from kiln.backends.interpreter import run
 from kiln.graph.ir import Graph, GraphError
 from kiln.graph.passes.fuse import fuse
-from kiln.graph.passes.memory import MemoryPlan, aliased_input, plan
+from kiln.graph.passes.memory import MemoryPlan, _default_overwrite_ok, aliased_input, plan
 from kiln.graph.symbolic import Sym, resolve
 from kiln.ops.registry import REGISTRY
 
@@ -43,7 +43,8 @@ def execute(g: Graph, mp: MemoryPlan, arrays: list, updates: dict, buffers: dict
                 buffers[s] = np.empty(resolve(shape, env), dtype)
             buf = buffers[s]
             assert buf.shape == resolve(n.shape, env) and buf.dtype == n.dtype
-            if buf.dtype.kind == "f":
+            # over one of its own dying inputs (overwrite_ok), a kernel reads before it writes
+            if buf.dtype.kind == "f" and not any(np.shares_memory(buf, a) for a in args):
                 buf.fill(np.nan)
         if n.op == "const":
             out = n.attrs["value"]
@@ -71,10 +72,10 @@ def execute(g: Graph, mp: MemoryPlan, arrays: list, updates: dict, buffers: dict
 
 
 def check_plan(g: Graph, updates: dict, writes_out=always, seed=0, calls=3, env=None, mp=None,
-               returned=None):
+               returned=None, **kw):
     """Execute under the plan ``calls`` times; outputs and state must match the interpreter,
     and outputs returned by earlier calls must not change afterwards."""
-    mp = mp or plan(g, writes_out, updates, returned=returned)
+    mp = mp or plan(g, writes_out, updates, returned=returned, **kw)
     returned = list(g.outputs) if returned is None else returned
     rng = np.random.default_rng(seed)
     shapes = [resolve(n.shape, env or {}) for n in g.inputs]
@@ -130,11 +131,28 @@ def storage_slot(mp: MemoryPlan, g: Graph):
 def check_invariants(g: Graph, mp: MemoryPlan, updates: dict, returned=None):
     outputs = {g.outputs[k] for k in (g.outputs if returned is None else returned)}
     where = storage_slot(mp, g)
+    users = g.users()
+    pos = {n: k for k, n in enumerate(g.nodes)}
+
+    def root_of(v):
+        while v not in mp.slot_of:
+            v = aliased_input(v)
+        return v
+
     for n, s in mp.slot_of.items():
         assert n not in outputs and n.op not in ("input", "const")
         assert aliased_input(n) is None
         assert mp.slots[s] == (n.shape, n.dtype)
-        assert all(where.get(i) != s for i in n.inputs), f"{n} writes over its own input"
+        for k, i in enumerate(n.inputs):
+            if where.get(i) == s:  # only over a value that dies here, where the kernel allows
+                assert _default_overwrite_ok(n, k), f"{n} writes over its own input"
+                owner = i
+                while owner not in mp.slot_of:
+                    owner = aliased_input(owner)
+                alive = [u for v, t in where.items() if t == s and root_of(v) is owner
+                         for u in users[v]]
+                assert all(pos[u] <= pos[n] for u in alive), f"{n} overwrites a live value"
+                assert owner not in g.outputs.values()
     for n in outputs:
         assert n not in where, f"output {n} lives in a slot"
     for vs in mp.free_after.values():
@@ -157,10 +175,64 @@ def _chain(shape=(3, 3)):
 
 def test_slots_are_reused_when_lifetimes_do_not_overlap():
     g, (a, b, c, d) = _chain()
-    mp = check_plan(g, {})
+    mp = check_plan(g, {}, overwrite_ok=None)
     check_invariants(g, mp, {})
     assert mp.slots == [((3, 3), np.dtype(F32))] * 2
     assert mp.slot_of == {a: 0, b: 1, c: 0, d: 1}
+
+
+def test_an_elementwise_chain_overwrites_its_dying_inputs():
+    g, (a, b, c, d) = _chain()
+    mp = check_plan(g, {})
+    check_invariants(g, mp, {})
+    assert mp.slots == [((3, 3), np.dtype(F32))]
+    assert mp.slot_of == {a: 0, b: 0, c: 0, d: 0}
+
+
+def test_no_overwrite_of_a_live_input_or_at_an_unsafe_position():
+    g = Graph()
+    x = g.add_input("x", (3, 3), F32)
+    a = g.add("exp", [x])
+    b = g.add("tanh", [a])  # a is read again below: b may not take its slot
+    s = g.add("sin", [x])
+    w = g.add("cos", [x])
+    m = g.add("gt", [x, x])
+    c = g.add("tanh_backward", [a, b])  # reads g (position 0) after writing out; y first
+    d = g.add("sigmoid_backward", [c, s])  # both positions are read late
+    e = g.add("where", [m, d, w])  # x (position 1) is read late, y (position 2) first
+    g.outputs["out"] = g.add("neg", [e])
+    mp = check_plan(g, {})
+    check_invariants(g, mp, {})
+    assert mp.slot_of[b] != mp.slot_of[a]
+    assert mp.slot_of[c] == mp.slot_of[b]
+    assert mp.slot_of[d] not in (mp.slot_of[c], mp.slot_of[s])
+    assert mp.slot_of[e] == mp.slot_of[w]
+    # with the view of a dying value at an unsafe position, not even the safe one is taken
+    h = Graph()
+    x = h.add_input("x", (4, 4), F32)
+    a = h.add("exp", [x])
+    t = h.add("permute", [a], T)
+    h.outputs["out"] = h.add("neg", [h.add("tanh_backward", [t, a])])
+    mp = check_plan(h, {})
+    check_invariants(h, mp, {})
+    assert len({mp.slot_of[a], mp.slot_of[h.nodes[2]]}) == 2
+
+
+def test_fused_node_overwrites_an_input_unless_its_last_op_reads_it_late():
+    g = Graph()
+    x = g.add_input("x", (4, 4), F32)
+    a = g.add("matmul", [x, x], MM)
+    c = g.add("where", [g.add("gt", [x, x]), a, g.add("neg", [x])])  # a: position 1, late
+    d = g.add("matmul", [x, x], {"ta": True, "tb": False})
+    e = g.add("tanh", [g.add("add", [d, d])])  # d is read first, inside the body
+    g.outputs["out"] = g.add("matmul", [c, e], MM)
+    f = fuse(g)
+    fc, fe = (n for n in f.nodes if n.op == "fused")
+    assert (fc.attrs["ops"], fe.attrs["ops"]) == ("gt+neg+where", "add+tanh")
+    mp = check_plan(f, {})
+    check_invariants(f, mp, {})
+    assert mp.slot_of[fc] != mp.slot_of[a]  # its where would have to go through a copy
+    assert mp.slot_of[fe] == mp.slot_of[d]
 
 
 def test_slots_are_not_shared_by_live_values():
@@ -170,7 +242,7 @@ def test_slots_are_not_shared_by_live_values():
     b = g.add("tanh", [x])
     c = g.add("add", [a, b])  # a and b are live together; c may not take either's slot
     g.outputs["out"] = g.add("neg", [c])
-    mp = check_plan(g, {})
+    mp = check_plan(g, {}, overwrite_ok=None)
     check_invariants(g, mp, {})
     assert len({mp.slot_of[a], mp.slot_of[b], mp.slot_of[c]}) == 3
 
@@ -183,7 +255,7 @@ def test_shape_and_dtype_must_match_for_reuse():
     c = g.add("cast", [b], {"dtype": np.dtype(np.float64)})
     d = g.add("tanh", [c])
     g.outputs["out"] = g.add("neg", [d])
-    mp = check_plan(g, {})
+    mp = check_plan(g, {}, overwrite_ok=None)
     check_invariants(g, mp, {})
     assert len(mp.slots) == 4  # a, b, c all differ; d (f64[3]) cannot take c's: c is its input
     assert mp.slot_of[d] not in (mp.slot_of[a], mp.slot_of[b])
@@ -246,8 +318,9 @@ def test_symbolic_shapes():
     b = g.add("tanh", [a], shape=(B, 3), dtype=F32)
     c = g.add("neg", [b], shape=(B, 3), dtype=F32)
     g.outputs["out"] = g.add("sin", [c], shape=(B, 3), dtype=F32)
-    mp = plan(g, always, {})
+    mp = plan(g, always, {}, overwrite_ok=None)
     assert mp.slots == [((B, 3), np.dtype(F32))] * 2 and mp.slot_of[a] == mp.slot_of[c]
+    assert len(plan(g, always, {}).slots) == 1
     check_plan(g, {}, mp=mp, env={"B": 5})
 
 

@@ -3,9 +3,11 @@
 The plan is for an executor that runs ``g.nodes`` in order.  Its contract:
 
 - a node in ``slot_of`` writes its result into buffer ``slot_of[node]`` (allocated once with
-  ``slots[k]``'s shape and dtype) and that buffer is its value; a slot is never the buffer of
-  one of the node's own inputs (directly or through a view), so kernels may use ``out`` as
-  scratch;
+  ``slots[k]``'s shape and dtype) and that buffer is its value; the slot is the buffer of one
+  of the node's own inputs only where ``overwrite_ok(node, position)`` allows it (an
+  elementwise or fused node reading, at a position its kernel reads before writing, a value
+  of the same shape and dtype whose last reader it is: ``x = a + b`` then lands in ``a``'s
+  buffer, which is still in cache); otherwise kernels may use ``out`` as scratch;
 - a node in ``inplace`` writes its result into the storage of the graph input
   ``inplace[node]``, which may be one of the node's own inputs of identical shape; the
   executor then skips copying that update back.  The kernel must give the right answer when
@@ -89,9 +91,31 @@ def _default_alias_safe(n: Node) -> bool:
     return n.op == "fused" or (prim is not None and "elementwise" in prim.traits)
 
 
+def _default_overwrite_ok(n: Node, position: int) -> bool:
+    """An elementwise or fused node may write over its input at ``position`` when the
+    executor's kernel reads that input before it writes ``out`` (every ufunc does; the
+    multi-step kernels list the positions they read late in ``kernels.UNSAFE``)."""
+    from kiln.backends.kernels import UNSAFE
+
+    if n.op == "fused":
+        # codegen keeps the input alive through the body; only the last op must write ``out``
+        # directly, which it cannot when it reads the input late (it would need a copy)
+        body = n.attrs["body"]
+        last = next(iter(body.outputs.values()))
+        mine = body.inputs[position]
+        late = UNSAFE.get(last.op, ())
+        return not any(x is mine and q in late for q, x in enumerate(last.inputs))
+    if not _default_alias_safe(n):
+        return False
+    unsafe = UNSAFE.get(n.op)
+    return unsafe is not None and position not in unsafe
+
+
 def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
          alias_safe: Callable[[Node], bool] | None = None,
-         returned: Collection[str] | None = None) -> MemoryPlan:
+         returned: Collection[str] | None = None,
+         overwrite_ok: Callable[[Node, int], bool] | None = _default_overwrite_ok
+         ) -> MemoryPlan:
     """Plan buffers for running ``g``: which nodes write into reusable slots, which may
     overwrite a state input in place, and when each value is last read.
 
@@ -102,6 +126,8 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
     ``returned``: names of the outputs handed to the user (default: all).  Those must be fresh
     arrays; the other outputs (e.g. update values listed so that dead-code removal keeps them)
     are only kept alive until the end of the run.
+    ``overwrite_ok(node, position)``: the node's result may go into the buffer of its input at
+    ``position`` when that value dies at the node (None: never; see the module doc).
     """
     alias_safe = alias_safe or _default_alias_safe
     pos: dict[Node, float] = {n: -1 for n in g.inputs}
@@ -155,18 +181,40 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
 
     free: dict[tuple, list[int]] = {}  # (shape, dtype) -> free slots
     releases: list[tuple] = []  # heap of (busy until, slot)
+    held_until: dict[int, float | None] = {}  # slot -> when its current value dies
     for k, n in enumerate(g.nodes):
         while releases and releases[0][0] < k:
-            _, s = heapq.heappop(releases)
-            free.setdefault(result.slots[s], []).append(s)
+            t, s = heapq.heappop(releases)
+            # skip entries of values whose slot was handed on to a reader that overwrote them
+            # (or a second entry of the same release when that reader is dead on arrival)
+            if held_until[s] == t:
+                held_until[s] = None
+                free.setdefault(result.slots[s], []).append(s)
         if not computes_fresh(n) or n in result.inplace:
             continue
         key = (n.shape, n.dtype)
-        if free.get(key):
+        s = _dying_input_slot(n, k, key, result.slot_of, busy_until, root, overwrite_ok)
+        if s is None and free.get(key):
             s = free[key].pop()
-        else:
+        elif s is None:
             s = len(result.slots)
             result.slots.append(key)
         result.slot_of[n] = s
+        held_until[s] = busy_until[n]
         heapq.heappush(releases, (busy_until[n], s))
     return result
+
+
+def _dying_input_slot(n: Node, k: int, key: tuple, slot_of: dict, busy_until: dict,
+                      root: dict, overwrite_ok) -> int | None:
+    """The slot of an input of ``n`` (node ``k``) whose storage dies at ``n`` and that ``n``
+    may overwrite at every position that reads it (directly or through a view), or None."""
+    if overwrite_ok is None:
+        return None
+    for i in n.inputs:
+        s = slot_of.get(i)
+        # a value in a slot owns its storage, and busy_until covers all of its aliases
+        if (s is not None and busy_until[i] == k and (i.shape, i.dtype) == key
+                and all(overwrite_ok(n, q) for q, x in enumerate(n.inputs) if root[x] is i)):
+            return s
+    return None
