@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.backends.kernels import FRESH, OUT_KERNELS, UFUNCS, UNSAFE, kernel_accepts
 from kiln.graph.ir import Graph, Node, format_node, type_str
-from kiln.graph.symbolic import Sym, has_sym, resolve
+from kiln.graph.symbolic import Sym, has_sym, rebuild, resolve
 
 _counter = itertools.count(1)
 
@@ -208,6 +208,10 @@ class _Gen:
             if type(v) is list:
                 return f"[{', '.join(parts)}]"
             return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+        if isinstance(v, (tuple, list)) and has_sym(v):  # e.g. kiln.ops.index.Slice(0, B, 1)
+            parts = [self.lit(x, f"{name}_{i}") for i, x in enumerate(v)]
+            return (f"{self.bind('rebuild', rebuild)}({self.bind(name + '_like', v)}, "
+                    f"[{', '.join(parts)}])")
         if has_sym(v):
             raise NotImplementedError(f"attribute {name}: cannot emit {v!r} with dynamic dims")
         return self.bind(name, v)

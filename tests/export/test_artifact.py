@@ -232,9 +232,6 @@ def test_batch_of_one_example(tmp_path):
         np.testing.assert_allclose(prog(x).numpy(), lin(x).numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, NotImplementedError, RuntimeError),
-                   reason="unify rebuilds kiln.ops.index.Slice wrongly and codegen cannot emit a "
-                          "Slice holding a Sym (reported to the lead)")
 def test_encoder_dynamic_batch(tmp_path):
     enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
     export(enc, kiln.randn(2, 5, 16), str(tmp_path / "e.kiln"), dynamic_dims={0: {0: "b"}})
@@ -246,7 +243,7 @@ def test_encoder_dynamic_batch(tmp_path):
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
                    reason="nn.LSTM's zero initial state is a constant whose shape depends on the "
-                          "batch size, which unify cannot turn into a Sym (reported to the lead)")
+                          "batch size, which unify cannot turn into a Sym (known limit)")
 def test_lstm_dynamic_batch(tmp_path):
     lstm = nn.LSTM(8, 12, batch_first=True).eval()
     export(lstm, kiln.randn(2, 5, 8), str(tmp_path / "l.kiln"), dynamic_dims={0: {0: "b"}})
