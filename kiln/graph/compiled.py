@@ -61,11 +61,13 @@ def compile(fn=None, *, dynamic: bool | None = None, strict: bool = False,  # no
 
 # -- argument structure ----------------------------------------------------------------------
 
-def _flatten(obj, path: str, leaves: list, names: list):
-    """A hashable description of ``obj`` with tensors replaced by slots (appended to leaves)."""
+def _flatten(obj, path: str, leaves: list, names: list | None):
+    """A hashable description of ``obj`` with tensors replaced by slots (appended to leaves,
+    and their paths to ``names`` when it is a list)."""
     if isinstance(obj, Tensor):
         leaves.append(obj)
-        names.append(path)
+        if names is not None:
+            names.append(path)
         return "T"
     if isinstance(obj, (tuple, list)):
         return (type(obj).__name__,
@@ -76,6 +78,9 @@ def _flatten(obj, path: str, leaves: list, names: list):
     if obj is None or isinstance(obj, (bool, int, float, str, complex)):
         return ("const", type(obj).__name__, obj)
     return ("object", id(obj))  # modules and other objects: the same object, by identity
+
+
+_NO_KWARGS = ("dict", ())
 
 
 def _unflatten(spec, it):
@@ -241,9 +246,12 @@ class CompiledFunction:
     def __call__(self, *args, **kwargs):
         if STATE.tracer is not None:  # called from inside another trace: just inline it
             return self.fn(*args, **kwargs)
-        leaves: list = []
-        names: list = []
-        spec = (_flatten(args, "args", leaves, names), _flatten(kwargs, "kwargs", leaves, names))
+        if not kwargs and all(type(a) is Tensor for a in args):  # the common call, cheaply
+            leaves = list(args)
+            spec = (("tuple", ("T",) * len(args)), _NO_KWARGS)
+        else:
+            leaves = []
+            spec = (_flatten(args, "args", leaves, None), _flatten(kwargs, "kwargs", leaves, None))
         shapes = tuple(t._data.shape for t in leaves)
         dtypes = tuple(t._data.dtype for t in leaves)
         for e in self.entries:
@@ -251,6 +259,9 @@ class CompiledFunction:
                 if e.eager:
                     return self.fn(*args, **kwargs)
                 return self._run(e, leaves)
+        names: list = []
+        _flatten((args, kwargs), "", [], names)
+        names = [("args" if n.startswith("[0]") else "kwargs") + n[3:] for n in names]
         return self._compile(args, kwargs, spec, leaves, names, shapes, dtypes)
 
     def _run(self, e: Entry, leaves: list):
