@@ -51,7 +51,12 @@ class Tracer:
         self.name = name  # the compiled function's name, for messages
         self.graph = Graph()
         self.values: dict = {}  # id(tensor) -> Node holding its current value
-        self.keep: list = []  # every tensor seen, so ids stay unique during the trace
+        # Tensors are tracked by id.  Computed tensors are not kept alive (the trace must not
+        # hold every activation of a training step at once): a weak reference's callback drops
+        # a tensor's (or array's) entry when it dies, before its id can be reused.
+        self._watch_refs: list = []
+        self.traced: list = []  # weak references to tensors computed in the trace
+        self.keep: list = []  # tensors kept alive on purpose (parameters whose .grad is set)
         self.arrays: dict = {}  # id(ndarray) -> Node: detach() and friends alias a value
         self.created: dict = {}  # id(tensor) -> tensor made during the trace outside primitives
         self.pending: dict = {}  # id(tensor) -> (tensor, input Node) for created tensors used
@@ -67,7 +72,8 @@ class Tracer:
         self.groups: dict = {}  # id(param group) -> group (its hyper-parameters are guarded)
         self.saw_backward = False
         self._bwd_loc = None  # while backward runs: the location of the forward node
-        self._node_locs: dict = {}  # autograd Node -> location of the op that made it
+        # autograd Node -> location of the op that made it (weak: nodes hold saved tensors)
+        self._node_locs = weakref.WeakKeyDictionary()
 
     # -- inputs ------------------------------------------------------------------------------------
     def add_arg(self, t, name: str) -> Node:
@@ -99,8 +105,16 @@ class Tracer:
 
     def _bind(self, t, n: Node) -> None:
         self.values[id(t)] = n
-        self.arrays[id(t._data)] = n
-        self.keep.append(t)
+        self._watch(t, self.values)
+        a = t._data
+        if id(a) not in self.arrays:
+            self._watch(a, self.arrays)
+        self.arrays[id(a)] = n
+
+    def _watch(self, obj, table: dict) -> None:
+        """Forget ``table[id(obj)]`` when ``obj`` dies."""
+        key = id(obj)
+        self._watch_refs.append(weakref.ref(obj, lambda _r: table.pop(key, None)))
 
     def node_of(self, t) -> Node:
         """The graph value of tensor ``t``, registering it as an input if it is new."""
@@ -124,6 +138,7 @@ class Tracer:
         n = Node(prim.name, ins, dict(attrs), out._data.shape, out._data.dtype, loc=self.loc())
         self.graph.nodes.append(n)
         self._bind(out, n)
+        self.traced.append(weakref.ref(out))
         if out._node is not None:
             self._node_locs[out._node] = n.loc
 
@@ -133,7 +148,8 @@ class Tracer:
         n = self.arrays.get(id(a))
         if n is not None:  # the same array as a traced value (detach, Node.out): an alias
             self.values[id(t)] = n
-            self.keep.append(t)
+            self._watch(t, self.values)
+            self.traced.append(weakref.ref(t))
             return
         base = a.base
         while isinstance(base, np.ndarray):
@@ -142,8 +158,7 @@ class Tracer:
                     "an internal kiln function built a tensor from a view of traced data "
                     "outside the primitive system; please report this as a kiln bug")
             base = base.base
-        self.created[id(t)] = t
-        self.keep.append(t)
+        self.created[id(t)] = t  # kept: constants are read when the graph is finished
 
     def on_read(self, t, what: str) -> None:
         """Python code asks for the value of ``t`` (``.item()``, ``bool()``, ...)."""
@@ -267,18 +282,22 @@ class Tracer:
         order = list(self.mutated)
         mutated = {key: self.mutated.pop(key) for key in states}
         mutated = {key: (weakref.ref(t), n) for key, (t, n) in mutated.items()}
+        self._node_locs = weakref.WeakKeyDictionary()
         refs = []
-        for t in self.keep:
+        for r in self.traced:
+            t = r()
+            if t is None:
+                continue
             n = self.values.get(id(t))
             if (n is not None and n.op != "const" and n.kind not in ("arg", "captured",
                                                                        "lifted", "created")
                     and id(t) not in allowed_ids and id(t) not in self.created
                     and id(t) not in self.captured and id(t) not in self.args):
-                refs.append(weakref.ref(t))
+                refs.append(r)
         t = None  # noqa: F841 - drop the loop's reference before testing liveness
-        self.keep, self.values, self.arrays, self.created = [], {}, {}, {}
+        self.keep, self.traced, self._watch_refs = [], [], []
+        self.values, self.arrays, self.created = {}, {}, {}
         self.pending = {key: v for key, v in self.pending.items() if key not in states}
-        self._node_locs = {}
         if any(r() is not None for r in refs) or any(w() is not None for w, _ in states.values()):
             gc.collect()  # in-place ops leave reference cycles between a tensor and its node
         consts = []
