@@ -155,6 +155,19 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, **kwargs) -> None:
     write_atomic(stnp, arrays, metadata, os.fspath(f))
 
 
+def read_header_bytes(path: str) -> tuple:
+    """(the 8-byte length and the JSON header of a safetensors file, the file's size); only as
+    many bytes as the file holds, so a truncated file is reported by ``_check_header``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        size = os.fstat(fh.fileno()).st_size
+        raw = head + (fh.read(n) if n <= size - 8 else b"")
+    return raw, size
+
+
 def write_atomic(stnp, arrays: dict, metadata: dict, path: str) -> None:
     """Write a safetensors file so that a crash at any moment leaves the old file or the new
     one, never a torn file: temporary file, fsync, rename, fsync of the directory."""
@@ -266,13 +279,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     else:
         path = os.fspath(f)
         where = repr(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(2, "No such file or directory", path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            size = os.fstat(fh.fileno()).st_size
-            raw = head + (fh.read(n) if n <= size - 8 else b"")
+        raw, size = read_header_bytes(path)
         header = _check_header(raw, size, where)
         try:
             with safe_open(path, framework="np") as st:

@@ -130,18 +130,12 @@ def load_exported(path) -> ExportedProgram:
     graph's invariants.  Never executes code from the file.
     """
     from kiln.graph.ir import GraphError, verify
-    from kiln.serialization import _check_header, _safetensors
+    from kiln.serialization import _check_header, _safetensors, read_header_bytes
 
     _, safe_open = _safetensors()
     path = os.fspath(path)
     where = repr(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, "No such file or directory", path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        size = os.fstat(fh.fileno()).st_size
-        raw = head + (fh.read(n) if n <= size - 8 else b"")
+    raw, size = read_header_bytes(path)
     try:
         header = _check_header(raw, size, where)
     except RuntimeError as e:

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kiln.graph.compiled import _unflatten
 from kiln.graph.ir import Graph
 from kiln.graph.symbolic import Sym
 from kiln.tensor import Tensor, _make
@@ -78,7 +79,7 @@ class ExportedProgram:
         self._check(arrays)
         outs = self._run(arrays + self._weights)
         flat = [_make(outs[k].copy() if k in self._copy else outs[k]) for k in self.output_names]
-        return _rebuild(self._structure, iter(flat))
+        return _unflatten(self._structure, iter(flat))
 
     # -- checking the inputs ----------------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict) -> list:
@@ -135,16 +136,3 @@ class ExportedProgram:
                     raise RuntimeError(f"{self.name}: input {n.name!r} dimension {ax} gives "
                                        f"{d.name} = {v}, but input {seen[1]!r} gave "
                                        f"{d.name} = {seen[0]}")
-
-
-def _rebuild(spec, it):
-    """The returned structure (kiln.compile's output spec) with the outputs put back."""
-    if spec == "T":
-        return next(it)
-    kind = spec[0]
-    if kind in ("tuple", "list"):
-        items = [_rebuild(s, it) for s in spec[1]]
-        return tuple(items) if kind == "tuple" else items
-    if kind == "dict":
-        return {k: _rebuild(s, it) for k, s in spec[1]}
-    return spec[2]  # ("const", type name, value)

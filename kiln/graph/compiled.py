@@ -178,7 +178,7 @@ class Entry:
                 diff = [k for (k, v), (_, w) in zip(snap, now) if v != w] or ["params"]
                 return f"optimizer setting {diff[0]!r} changed"
         for leaf in self.grad_none:
-            if (leaves[leaf] if type(leaf) is int else leaf).grad is not None:
+            if _target(leaf, leaves).grad is not None:
                 return "a parameter's .grad was not None (gradients accumulate)"
         for t, (shape, dtype) in zip(self.live(leaves), self.captured_types):
             if t is None:
@@ -194,7 +194,7 @@ class Entry:
             return self.captured
         out = list(self.captured)
         for i, leaf in self.grad_of.items():
-            out[i] = (leaves[leaf] if type(leaf) is int else leaf).grad
+            out[i] = _target(leaf, leaves).grad
         return out
 
     def captured_keys(self) -> list:
@@ -281,9 +281,9 @@ class CompiledFunction:
                 np.copyto(t._data, a, casting="unsafe")
             t._version[0] += 1
         for leaf in e.zeroed:
-            (leaves[leaf] if type(leaf) is int else leaf).grad = None
+            _target(leaf, leaves).grad = None
         for leaf, name in e.grads:
-            (leaves[leaf] if type(leaf) is int else leaf).grad = _make(outs[name])
+            _target(leaf, leaves).grad = _make(outs[name])
         return _unflatten(e.out_spec, iter([_make(outs[n]) if n not in e.copied else
                                             _make(np.array(outs[n])) for n in e.out_names]))
 
@@ -551,6 +551,12 @@ class CompiledFunction:
         return "\n".join(parts)
 
 
+def _target(t, leaves: list):
+    """A tensor an entry writes to: its own (parameter, state) or, given as the argument's
+    position (an int), this call's argument."""
+    return leaves[t] if type(t) is int else t
+
+
 def _updates_map(e: Entry, g: Graph | None = None) -> dict:
     """captured input node -> node of its new value, in ``g`` (default: the traced graph)."""
     g = g or e.traced
@@ -601,18 +607,9 @@ def _executor(g: Graph, updates: dict, backend: str, name: str):
 
     # update values are written back into their tensors; everything else reaches the user
     returned = [k for k in g.outputs if not k.startswith("update:")]
-    # Values read by the convolution and pooling impls stay fresh arrays: measured on the cnn
-    # step, those impls ran about 2x slower on preallocated buffers (35.9 vs 27.0 ms per step;
-    # the cause is not understood yet).
-    fresh = {i for n in g.nodes if n.op in _FRESH_INPUTS for i in n.inputs}
-    ex = Executor(g, plan(g, lambda n: n not in fresh and writes_out(n), updates,
-                          returned=returned), name, check_inputs=False)
+    ex = Executor(g, plan(g, writes_out, updates, returned=returned), name, check_inputs=False)
     _debug(3, ex.source)
     return ex
-
-
-_FRESH_INPUTS = frozenset({"conv2d", "conv2d_weight", "conv_transpose2d", "max_pool2d",
-                           "max_pool2d_indices", "pool_scatter", "avg_pool2d"})
 
 
 def _debug(level: int, text: str) -> None:

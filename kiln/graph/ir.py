@@ -35,6 +35,15 @@ class Node:
         self.name = name  # inputs: the argument or captured tensor's name
         self.kind = kind  # inputs: "arg", "captured" or "lifted"
 
+    def remapped(self, remap: dict) -> Node:
+        """This node, or a copy reading ``remap.get(i, i)`` for each input ``i`` when a pass
+        replaced one of them (passes never mutate nodes)."""
+        inputs = tuple(remap.get(i, i) for i in self.inputs)
+        if all(a is b for a, b in zip(inputs, self.inputs)):
+            return self
+        return Node(self.op, inputs, dict(self.attrs), self.shape, self.dtype, loc=self.loc,
+                    name=self.name, kind=self.kind)
+
     def __repr__(self) -> str:
         return f"<node %{self.id} {self.op} {type_str(self)}>"
 

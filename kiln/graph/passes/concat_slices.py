@@ -124,10 +124,9 @@ def concat_slices(g: Graph) -> Graph:
             continue
         if n in gone:
             continue
-        if any(i in remap for i in n.inputs):
-            remap[n] = Node(n.op, tuple(remap.get(i, i) for i in n.inputs), n.attrs, n.shape,
-                            n.dtype, loc=n.loc, name=n.name, kind=n.kind)
-            n = remap[n]
-        out.nodes.append(n)
+        m = n.remapped(remap)
+        if m is not n:
+            remap[n] = m
+        out.nodes.append(m)
     out.outputs = {k: remap.get(v, v) for k, v in g.outputs.items()}
     return out

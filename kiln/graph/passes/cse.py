@@ -69,13 +69,6 @@ def _node_key(n: Node):
     return (n.op, tuple(id(i) for i in n.inputs), attrs, attr_key(n.shape), n.dtype.str)
 
 
-def _with_inputs(n: Node, inputs: tuple) -> Node:
-    if all(a is b for a, b in zip(inputs, n.inputs)):
-        return n
-    return Node(n.op, inputs, dict(n.attrs), n.shape, n.dtype, loc=n.loc, name=n.name,
-                kind=n.kind)
-
-
 def cse(g: Graph) -> Graph:
     """A copy of ``g`` where nodes with the same op, the same input nodes and equal attrs are
     computed once, and small equal constants (same dtype, shape and bytes) are stored once.
@@ -97,7 +90,7 @@ def cse(g: Graph) -> Graph:
     # Keys hold input ids: every node keyed stays referenced by ``nodes`` while seen lives.
     nodes: list[Node] = []
     for n in g.nodes:
-        m = _with_inputs(n, tuple(new.get(i, i) for i in n.inputs))
+        m = n.remapped(new)
         key = _node_key(m)
         if key is not None:
             first = seen.setdefault(key, m)

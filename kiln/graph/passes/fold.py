@@ -64,9 +64,8 @@ def fold(g: Graph) -> Graph:
             value = _fold_value(n, [i.attrs["value"] for i in inputs])
             if value is not None:
                 m = Node("const", (), {"value": value}, value.shape, value.dtype, loc=n.loc)
-        if m is n and any(a is not b for a, b in zip(inputs, n.inputs)):
-            m = Node(n.op, inputs, dict(n.attrs), n.shape, n.dtype, loc=n.loc, name=n.name,
-                     kind=n.kind)
+        if m is n:
+            m = n.remapped(new)
         if m is not n:
             new[n] = m
         nodes.append(m)

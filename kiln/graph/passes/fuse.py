@@ -98,10 +98,9 @@ def fuse(g: Graph) -> Graph:
                 remap[n] = _fused_node(groups[root], remap)
                 out.nodes.append(remap[n])
             continue  # the other members live inside the body
-        if any(i in remap for i in n.inputs):
-            remap[n] = Node(n.op, tuple(remap.get(i, i) for i in n.inputs), n.attrs, n.shape,
-                            n.dtype, loc=n.loc, name=n.name, kind=n.kind)
-            n = remap[n]
-        out.nodes.append(n)
+        m = n.remapped(remap)
+        if m is not n:
+            remap[n] = m
+        out.nodes.append(m)
     out.outputs = {k: remap.get(v, v) for k, v in g.outputs.items()}
     return out

@@ -111,6 +111,10 @@ def _default_overwrite_ok(n: Node, position: int) -> bool:
     return unsafe is not None and position not in unsafe
 
 
+FRESH_INPUT_OPS = frozenset({"conv2d", "conv2d_weight", "conv_transpose2d", "max_pool2d",
+                             "max_pool2d_indices", "pool_scatter", "avg_pool2d"})
+
+
 def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
          alias_safe: Callable[[Node], bool] | None = None,
          returned: Collection[str] | None = None,
@@ -130,6 +134,15 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
     ``position`` when that value dies at the node (None: never; see the module doc).
     """
     alias_safe = alias_safe or _default_alias_safe
+    # Values read by the convolution and pooling impls stay fresh arrays: measured on the cnn
+    # training step, those impls ran about 2x slower reading planned buffers (35.9 vs 27.0 ms
+    # per step; the cause is not understood yet).
+    fresh = {i for n in g.nodes if n.op in FRESH_INPUT_OPS for i in n.inputs}
+    if fresh:
+        wants_slot = writes_out
+
+        def writes_out(n: Node) -> bool:
+            return n not in fresh and wants_slot(n)
     pos: dict[Node, float] = {n: -1 for n in g.inputs}
     pos.update({n: k for k, n in enumerate(g.nodes)})
     for p, n in updates.items():

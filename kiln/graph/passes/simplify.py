@@ -121,11 +121,7 @@ def simplify(g: Graph) -> Graph:
     nodes: list[Node] = []
     known = set(g.inputs)
     for n in g.nodes:
-        inputs = tuple(new.get(i, i) for i in n.inputs)
-        m = n
-        if any(a is not b for a, b in zip(inputs, n.inputs)):
-            m = Node(n.op, inputs, dict(n.attrs), n.shape, n.dtype, loc=n.loc, name=n.name,
-                     kind=n.kind)
+        m = n.remapped(new)
         r = _rewrite(m) if m.op not in ("const", "fused") else None
         if r is not None:
             m = r
