@@ -34,6 +34,7 @@ from kiln.serialization import save, load  # noqa: E402
 from kiln import utils  # noqa: E402
 from kiln.graph.compiled import compile  # noqa: E402,A004 - PyTorch's name
 from kiln.export import export, load_exported  # noqa: E402
+from kiln import onnx  # noqa: E402 - light: imports the onnx package only when used
 
 half, double, float, long, int, short = float16, float64, float32, int64, int32, int16  # noqa: A001
 
