@@ -152,7 +152,7 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, **kwargs) -> None:
     if hasattr(f, "write"):
         f.write(stnp.save(arrays, metadata=metadata))
         return
-    write_atomic(stnp, arrays, metadata, os.fspath(f))
+    write_atomic(os.fspath(f), lambda tmp: stnp.save_file(arrays, tmp, metadata=metadata))
 
 
 def read_header_bytes(path: str) -> tuple:
@@ -168,15 +168,15 @@ def read_header_bytes(path: str) -> tuple:
     return raw, size
 
 
-def write_atomic(stnp, arrays: dict, metadata: dict, path: str) -> None:
-    """Write a safetensors file so that a crash at any moment leaves the old file or the new
-    one, never a torn file: temporary file, fsync, rename, fsync of the directory."""
+def write_atomic(path: str, write) -> None:
+    """Create ``path`` with ``write(tmp_path)`` so that a crash at any moment leaves the old file
+    or the new one, never a torn file: temporary file, fsync, rename, fsync of the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:
         os.close(fd)
-        stnp.save_file(arrays, tmp, metadata=metadata)
+        write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -105,7 +105,7 @@ def export(model_or_fn, example_inputs, path, dynamic_dims=None) -> None:
            "checksums": {k: _crc(a) for k, a in tensors.items()}}
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
     metadata = {"format": FORMAT, _DOC: text, _DOC_CRC: str(zlib.crc32(text.encode()))}
-    write_atomic(stnp, tensors, metadata, os.fspath(path))
+    write_atomic(os.fspath(path), lambda tmp: stnp.save_file(tensors, tmp, metadata=metadata))
 
 
 def _rename_tensor(obj, old: str, new: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def export(model_or_fn, example_inputs, path, *, opset=None, dynamic_dims=None, **kwargs):
     """Export a model or function of tensors to an ONNX file; see docs/onnx.md."""
-    from kiln.onnx.export import export as _export
+    from kiln.onnx.exporter import export as _export
 
     return _export(model_or_fn, example_inputs, path, opset=opset, dynamic_dims=dynamic_dims,
                    **kwargs)
