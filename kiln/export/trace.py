@@ -235,4 +235,15 @@ def _finish(cf, e, names: list, sym_names: dict, dims: dict) -> Captured:
     read = {i for n in g.nodes for i in n.inputs} | set(g.outputs.values())
     g.inputs = [n for n in g.inputs if n.kind == "arg" or n in read]
     weights = [values[n] for n in g.inputs if n.kind != "arg"]
-    return Captured(g, weights, e.out_spec, list(e.out_names), dims, sym_names, cf.__name__)
+    return Captured(g, weights, _plain(e.out_spec), list(e.out_names), dims, sym_names,
+                    cf.__name__)
+
+
+def _plain(spec):
+    """The output structure as data: named tuples (kiln.sort's result) become tuples."""
+    if spec == "T" or spec[0] == "const":
+        return spec
+    if spec[0] == "dict":
+        return ("dict", tuple((k, _plain(s)) for k, s in spec[1]))
+    kind = "tuple" if spec[0] == "namedtuple" else spec[0]
+    return (kind, tuple(_plain(s) for s in spec[1]))

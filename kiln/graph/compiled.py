@@ -90,6 +90,8 @@ def _unflatten(spec, it):
     if kind in ("tuple", "list"):
         items = [_unflatten(s, it) for s in spec[1]]
         return tuple(items) if kind == "tuple" else items
+    if kind == "namedtuple":
+        return spec[2](*(_unflatten(s, it) for s in spec[1]))
     if kind == "dict":
         return {k: _unflatten(s, it) for k, s in spec[1]}
     if kind == "const":
@@ -102,6 +104,8 @@ def _out_spec(obj, leaves: list):
     if isinstance(obj, Tensor):
         leaves.append(obj)
         return "T"
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # kiln.sort's (values, indices)...
+        return ("namedtuple", tuple(_out_spec(x, leaves) for x in obj), type(obj))
     if isinstance(obj, (tuple, list)):
         return (type(obj).__name__, tuple(_out_spec(x, leaves) for x in obj))
     if isinstance(obj, dict):

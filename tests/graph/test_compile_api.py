@@ -309,3 +309,19 @@ def test_storing_computed_tensors_warns_and_runs_eagerly():
     scale.mul_(2)  # eager: the new value is used
     assert fast(kiln.tensor([1.0])).tolist() == [7.0]
     assert store[-1].tolist() == [6.0]
+
+
+def test_compiled_function_returns_named_tuples_of_sort_and_topk():
+    x = kiln.randn(4, 6)
+
+    @kiln.compile
+    def f(x):
+        return kiln.sort(x * 2, dim=1), kiln.topk(x, 2)
+
+    for _ in range(2):
+        (s, t) = f(x)
+        ref_s, ref_t = kiln.sort(x * 2, dim=1), kiln.topk(x, 2)
+        assert type(s) is type(ref_s) and type(t) is type(ref_t)
+        np.testing.assert_array_equal(s.values.numpy(), ref_s.values.numpy())
+        np.testing.assert_array_equal(s.indices.numpy(), ref_s.indices.numpy())
+        np.testing.assert_array_equal(t.indices.numpy(), ref_t.indices.numpy())
