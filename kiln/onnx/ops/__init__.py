@@ -64,11 +64,14 @@ class OpContext:
             return x
         if isinstance(x, Tensor):
             from kiln.grad_mode import STATE
+            from kiln.nn.parameter import Parameter
 
+            if isinstance(x, Parameter):  # a float initializer in a static slot (Resize scales)
+                return x._data.copy()  # read directly: also while kiln.compile traces
             if STATE.tracer is not None:
                 raise ValueError(f"ONNX node {self.name!r} ({self.op_type}): input {i} must be "
                                  "known before the model runs (a constant or computed from "
                                  "shapes), but it is computed from the model's inputs, which "
                                  "kiln.compile cannot trace; run this model eagerly")
-            return x.numpy()
+            return x.detach().numpy()  # a float initializer (Parameter) read as a static value
         return np.asarray(x)
