@@ -195,6 +195,11 @@ def _k_relu_backward(out, g, y):
     return out
 
 
+# ~1.5x faster than the impl's three passes; used fresh where the result has no planned buffer
+# (the cnn step's relu gradients feed the convolution impls, whose inputs stay fresh arrays)
+FRESH.add("relu_backward")
+
+
 @_kernel("pow", _same_float, unsafe=())
 def _k_pow(out, a, b):
     # the impl's float branches: x ** 2 is a square and x ** 0.5 a sqrt (one ufunc call each)

@@ -231,6 +231,23 @@ def test_fresh_kernels_run_for_outputs_without_a_buffer():
     assert ex(arrays)["grad"] is not first
 
 
+def test_fresh_relu_backward_for_a_gradient_output():
+    """A relu gradient with no buffer (a graph output here; in the cnn step, the input of a
+    convolution impl) runs its kernel on a new array, bitwise as the impl."""
+    g = Graph()
+    gy = g.add_input("gy", (4, 3, 5), F32)
+    y = g.add_input("y", (4, 3, 5), F32)
+    g.outputs["grad"] = g.add("relu_backward", [gy, y])
+    ex = Executor(g, None, "relu_backward")
+    assert "k_relu_backward(_empty((4, 3, 5), " in ex.source
+    yv = rand((4, 3, 5), F32, 3)
+    yv[0, 0, :3] = [0.0, -0.0, np.nan]
+    arrays = [rand((4, 3, 5), F32, 2), yv]
+    first = ex(arrays)["grad"]
+    assert same(first, run(g, arrays)["grad"])
+    assert ex(arrays)["grad"] is not first
+
+
 # -- graphs built by hand ------------------------------------------------------------------------
 
 def mlp_step(batch=8):

@@ -134,9 +134,15 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
     ``position`` when that value dies at the node (None: never; see the module doc).
     """
     alias_safe = alias_safe or _default_alias_safe
-    # Values read by the convolution and pooling impls stay fresh arrays: measured on the cnn
-    # training step, those impls ran about 2x slower reading planned buffers (35.9 vs 27.0 ms
-    # per step; the cause is not understood yet).
+    # Values read by the convolution and pooling impls stay fresh arrays.  Without this rule the
+    # cnn training step is ~20% slower (35.2 vs 29.9 ms, OPENBLAS_NUM_THREADS=1), and not
+    # because of the buffers themselves: those impls allocate large temporaries (a 20 MB
+    # im2col matrix, a 10 MB product) at every call, and with the smaller heap that planned
+    # inputs leave, glibc's dynamic thresholds hand them back to the OS (munmap / heap trim) and
+    # the next step page-faults them in again: ~2,200 minor faults and ~6 ms of system time per
+    # step, against none with this rule.  Fixed thresholds (mallopt M_MMAP_THRESHOLD=32 MB,
+    # M_TRIM_THRESHOLD=128 MB) remove the faults and the difference, but are process-wide and
+    # made the eager cnn step ~10% slower, so the rule stays.
     fresh = {i for n in g.nodes if n.op in FRESH_INPUT_OPS for i in n.inputs}
     if fresh:
         wants_slot = writes_out
