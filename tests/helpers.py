@@ -355,3 +355,12 @@ def mark_checked(prim_name: str) -> None:
     checked this primitive another way (statistics, finite differences)."""
     FORWARD_CHECKED.add(prim_name)
     GRAD_CHECKED.add(prim_name)
+
+
+def workload_forward(name: str):
+    """(the bench workload's forward as a function of its input, closing over the spec's
+    parameters as kiln tensors; the bench.workloads module)."""
+    from bench import workloads as W
+
+    p = {k: kiln.tensor(v) for k, v in W.params(name).items()}
+    return (lambda x: W.FORWARD[name](kiln, p, x)), W

@@ -14,19 +14,10 @@ import pytest
 import kiln
 from kiln import nn
 from kiln.export import InvalidArtifact, export, load_exported
+from tests.helpers import workload_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
 ATOL = 1e-6
-
-
-def _workload(name):
-    sys.path.insert(0, ROOT)
-    try:
-        from bench import workloads as W
-    finally:
-        sys.path.remove(ROOT)
-    p = {k: kiln.tensor(v) for k, v in W.params(name).items()}
-    return (lambda x: W.FORWARD[name](kiln, p, x)), W
 
 
 def _flat(obj):
@@ -38,8 +29,8 @@ def _flat(obj):
 def _models():
     """name -> (model, example, dynamic_dims, [new inputs]); fresh inputs at two batch sizes
     for dynamic models, two fresh draws of the example's shape for the static ones."""
-    mlp, W = _workload("mlp")
-    cnn, _ = _workload("cnn")
+    mlp, W = workload_forward("mlp")
+    cnn, _ = workload_forward("cnn")
     enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
     lstm = nn.LSTM(8, 12, num_layers=2, batch_first=True).eval()
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
@@ -241,9 +232,6 @@ def test_encoder_dynamic_batch(tmp_path):
         np.testing.assert_allclose(prog(x).numpy(), enc(x).numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="nn.LSTM's zero initial state is a constant whose shape depends on the "
-                          "batch size, which unify cannot turn into a Sym (known limit)")
 def test_lstm_dynamic_batch(tmp_path):
     lstm = nn.LSTM(8, 12, batch_first=True).eval()
     export(lstm, kiln.randn(2, 5, 8), str(tmp_path / "l.kiln"), dynamic_dims={0: {0: "b"}})

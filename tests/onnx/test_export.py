@@ -3,7 +3,6 @@ and compared with Kiln eager (float: max abs diff <= 1e-5 * max(1, max|out|); in
 exact), idiomatic op types, dynamic batch, opsets, names and clear errors."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +10,13 @@ import pytest
 import kiln
 import kiln.nn.functional as F
 from kiln import nn
+from tests.helpers import workload_forward
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kiln.onnx import export  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
 RTOL = 1e-5
 
 
@@ -256,22 +255,12 @@ def _primitives(fn, inputs):
 
 # -- models ------------------------------------------------------------------------------------
 
-def _workload(name):
-    sys.path.insert(0, ROOT)
-    try:
-        from bench import workloads as W
-    finally:
-        sys.path.remove(ROOT)
-    p = {k: kiln.tensor(v) for k, v in W.params(name).items()}
-    return (lambda x: W.FORWARD[name](kiln, p, x)), W
-
-
 def _initializer_names(model):
     return {t.name for t in model.graph.initializer}
 
 
 def test_mlp_dynamic_batch(tmp_path):
-    fn, W = _workload("mlp")
+    fn, W = workload_forward("mlp")
     x = kiln.tensor(W.infer_data("mlp", 4))
     others = [(kiln.tensor(W.infer_data("mlp", b)),) for b in (1, 7)]
     m = check(fn, [x], tmp_path, dynamic_dims={"x": {0: "batch"}}, others=others)
@@ -281,7 +270,7 @@ def test_mlp_dynamic_batch(tmp_path):
 
 
 def test_cnn_dynamic_batch(tmp_path):
-    fn, W = _workload("cnn")
+    fn, W = workload_forward("cnn")
     x = kiln.tensor(W.infer_data("cnn", 2))
     others = [(kiln.tensor(W.cnn_data(b, seed=b)[0]),) for b in (1, 5)]
     m = check(fn, [x], tmp_path, dynamic_dims={0: {0: "batch"}}, others=others)
@@ -292,7 +281,7 @@ def test_cnn_dynamic_batch(tmp_path):
 
 
 def test_gpt(tmp_path):
-    fn, W = _workload("gpt")
+    fn, W = workload_forward("gpt")
     tok = W.gpt_data()[0]
     x = kiln.tensor(tok[:2])
     other = (kiln.tensor(np.ascontiguousarray(tok[2:4])),)

@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
 import kiln  # noqa: E402
 import kiln.onnx  # noqa: E402
 from kiln import nn  # noqa: E402
+from tests.helpers import workload_forward  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bench")
@@ -297,16 +298,7 @@ def test_torch_lstm(tmp_path):
 # -- Kiln -> ONNX -> Kiln ------------------------------------------------------------------------
 
 def _workload(wl):
-    sys.path.insert(0, BENCH)
-    try:
-        import workloads as W
-    finally:
-        sys.path.remove(BENCH)
-    p = {k: kiln.tensor(v) for k, v in W.params(wl).items()}
-    fwd = W.FORWARD[wl]
-
-    def model(x):
-        return fwd(kiln, p, x)
+    model, W = workload_forward(wl)
 
     if wl == "gpt":
         x = np.random.default_rng(5).integers(0, W.GPT["vocab"], size=(2, W.GPT["T"]))
