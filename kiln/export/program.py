@@ -84,20 +84,7 @@ class ExportedProgram:
     # -- checking the inputs ----------------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict) -> list:
         names = [n.name for n in self._args]
-        if len(args) > len(names):
-            raise TypeError(f"{self.name}: takes {len(names)} input(s) ({', '.join(names)}) but "
-                            f"{len(args)} were given")
-        given = dict(zip(names, args))
-        for k, v in kwargs.items():
-            if k not in names:
-                raise TypeError(f"{self.name}: got an unexpected input {k!r} (inputs: "
-                                f"{', '.join(names)})")
-            if k in given:
-                raise TypeError(f"{self.name}: got multiple values for input {k!r}")
-            given[k] = v
-        missing = [k for k in names if k not in given]
-        if missing:
-            raise TypeError(f"{self.name}: missing input(s) {', '.join(map(repr, missing))}")
+        given = bind_by_name(self.name, names, args, kwargs)
         arrays = []
         for k in names:
             v = given[k]
@@ -136,3 +123,22 @@ class ExportedProgram:
                     raise RuntimeError(f"{self.name}: input {n.name!r} dimension {ax} gives "
                                        f"{d.name} = {v}, but input {seen[1]!r} gave "
                                        f"{d.name} = {seen[0]}")
+
+
+def bind_by_name(who: str, names: list, args: tuple, kwargs: dict) -> dict:
+    """{input name: value} from positional and keyword arguments, as a Python call binds them:
+    TypeError naming ``who`` for too many, unknown, repeated or missing inputs."""
+    if len(args) > len(names):
+        raise TypeError(f"{who}: takes {len(names)} input(s) ({', '.join(names)}) but "
+                        f"{len(args)} were given")
+    given = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"{who}: got an unexpected input {k!r} (inputs: {', '.join(names)})")
+        if k in given:
+            raise TypeError(f"{who}: got multiple values for input {k!r}")
+        given[k] = v
+    missing = [k for k in names if k not in given]
+    if missing:
+        raise TypeError(f"{who}: missing input(s) {', '.join(map(repr, missing))}")
+    return given

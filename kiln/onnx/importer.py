@@ -205,20 +205,9 @@ class OnnxModule(Module):
         return out[0] if len(out) == 1 else out
 
     def _bind_inputs(self, inputs, by_name) -> dict:
-        names = self.input_names
-        if len(inputs) > len(names):
-            raise TypeError(f"the ONNX model takes {len(names)} input(s) {names}, "
-                            f"got {len(inputs)}")
-        bound = dict(zip(names, inputs))
-        for k, v in by_name.items():
-            if k not in names:
-                raise TypeError(f"the ONNX model has no input named {k!r} (inputs: {names})")
-            if k in bound:
-                raise TypeError(f"input {k!r} given both by position and by name")
-            bound[k] = v
-        missing = [n for n in names if n not in bound]
-        if missing:
-            raise TypeError(f"missing ONNX model input(s) {missing} (inputs: {names})")
+        from kiln.export.program import bind_by_name
+
+        bound = bind_by_name("the ONNX model", self.input_names, inputs, by_name)
         for k, v in bound.items():
             bound[k] = _bind_value(k, v, self._input_types.get(k))
         return bound

@@ -362,9 +362,9 @@ def test_wrong_inputs_are_clear_errors():
     x = kiln.tensor(_x())
     with pytest.raises(TypeError, match="takes 1 input"):
         m(x, x)
-    with pytest.raises(TypeError, match="missing ONNX model input"):
+    with pytest.raises(TypeError, match="the ONNX model: missing input"):
         m()
-    with pytest.raises(TypeError, match="no input named 'z'"):
+    with pytest.raises(TypeError, match="unexpected input .z."):
         m(z=x)
     with pytest.raises(TypeError, match="must have dtype float32"):
         m(kiln.tensor(_x().astype(np.float64)))
