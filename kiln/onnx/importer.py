@@ -139,12 +139,19 @@ def node_label(node, index: int) -> str:
     return node.name or (node.output[0] if node.output else f"node{index}")
 
 
+def running_statistics(graph) -> set:
+    """Names of the initializers BatchNormalization nodes read as running mean and variance."""
+    return {node.input[i] for node in graph.node if node.op_type == "BatchNormalization"
+            for i in (3, 4) if len(node.input) > i}
+
+
 # -- the module ----------------------------------------------------------------------------------
 
 class OnnxModule(Module):
     """An ONNX graph as a Kiln module: call it with the graph inputs (positional or by name).
 
-    ``onnx_names`` maps each parameter's attribute name to its ONNX initializer name;
+    Float initializers are parameters, except BatchNormalization's running statistics, which
+    are buffers; ``onnx_names`` maps each attribute name to its ONNX initializer name;
     ``input_names`` / ``output_names`` are the graph's.  One output returns a Tensor,
     several a tuple.
     """
@@ -159,11 +166,15 @@ class OnnxModule(Module):
         object.__setattr__(self, "_param_of", {})  # ONNX name -> attribute name
         self.onnx_names = {}
         taken: set = set()
+        stats = running_statistics(graph)
         for init in graph.initializer:
             value = to_array(init, f"initializer {init.name!r}")
             if value.dtype.kind == "f":
                 attr = sanitize(init.name, taken)
-                self.register_parameter(attr, Parameter(_make(value)))
+                if init.name in stats:  # as in nn.BatchNorm: state, not trained
+                    self.register_buffer(attr, _make(value))
+                else:
+                    self.register_parameter(attr, Parameter(_make(value)))
                 self._param_of[init.name] = attr
                 self.onnx_names[attr] = init.name
             else:
@@ -198,7 +209,7 @@ class OnnxModule(Module):
     def forward(self, *inputs, **by_name):
         env = dict(self._static)
         for onnx_name, attr in self._param_of.items():
-            env[onnx_name] = self._parameters[attr]
+            env[onnx_name] = getattr(self, attr)
         env.update(self._bind_inputs(inputs, by_name))
         run_nodes(self._nodes, env, self.opset)
         out = tuple(_tensor(env[n]) for n in self.output_names)

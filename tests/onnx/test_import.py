@@ -405,3 +405,22 @@ def test_unsigned_types_round_trip_through_the_backend():
     (want,) = _ort(model, {"a": a, "b": b})
     assert got.dtype == np.uint32
     np.testing.assert_array_equal(got, want)
+
+
+def test_batchnorm_statistics_are_buffers_not_parameters():
+    rng = np.random.default_rng(3)
+    arrays = {"scale": rng.random(3) + 0.5, "bias": rng.standard_normal(3),
+              "mean": rng.standard_normal(3), "var": rng.random(3) + 0.5}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    node = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])
+    model = _model([node], [_vi("x", F32, [2, 3, 4])], [_vi("y", F32, [2, 3, 4])], inits)
+    m = kiln.onnx.load(model)
+    assert {m.onnx_names[k] for k, _ in m.named_parameters()} == {"scale", "bias"}
+    assert {m.onnx_names[k] for k, _ in m.named_buffers()} == {"mean", "var"}
+    assert set(m.state_dict()) == set(m.onnx_names)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    y = m(kiln.tensor(x))
+    np.testing.assert_allclose(y.detach().numpy(), _ort(model, {"x": x})[0], rtol=1e-5,
+                               atol=1e-5)
+    y.sum().backward()  # gradients reach the parameters; the statistics stay fixed
+    assert all(p.grad is not None for p in m.parameters())

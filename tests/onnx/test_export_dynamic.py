@@ -1,0 +1,130 @@
+"""kiln.onnx.export with a dynamic batch for RNNs (a zero initial state whose shape follows the
+batch: a scalar constant Expanded to a shape computed from the input's Shape) and GPTs (a causal
+mask cached on the first call, exported as an initializer).  ONNX Runtime runs the file at two
+batch sizes other than the traced ones; oracle: eager Kiln, max abs diff <= 1e-5 * max(1,
+max|out|)."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln import nn
+from kiln.nn import attention
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from kiln.onnx import export  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
+RTOL = 1e-5
+
+
+def _flat(obj):
+    if isinstance(obj, kiln.Tensor):
+        return [obj.numpy()]
+    if obj is None:
+        return []
+    return [a for x in obj for a in _flat(x)]
+
+
+def _close(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = RTOL * max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def _check(model, example, inputs, tmp_path):
+    """Export with dimension 0 of the first input dynamic; run at each of ``inputs``."""
+    path = str(tmp_path / "m.onnx")
+    proto = export(model, example, path, dynamic_dims={0: {0: "batch"}})
+    onnx.checker.check_model(proto, full_check=True)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for x in inputs:
+        with kiln.no_grad():
+            want = _flat(model(kiln.tensor(x)))
+        got = sess.run(None, {name: x})
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _close(g, w)
+    return proto
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(8, 5, bidirectional=True)
+        self.rnn = nn.RNN(10, 3, batch_first=True)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(x)
+        z, hg = self.gru(y.transpose(0, 1))
+        r, hr = self.rnn(z.transpose(0, 1))
+        return r, h, c, hg, hr
+
+
+def _f32(*shape):
+    return np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def test_lstm_dynamic_batch(tmp_path):
+    model = nn.LSTM(6, 10, num_layers=2, batch_first=True).eval()
+    proto = _check(model, kiln.tensor(_f32(3, 5, 6)), [_f32(2, 5, 6), _f32(7, 5, 6)], tmp_path)
+    assert any(n.op_type == "Expand" for n in proto.graph.node)
+
+
+def test_recurrent_stack_dynamic_batch(tmp_path):
+    model = _Recurrent().eval()
+    _check(model, kiln.tensor(_f32(3, 6, 4)), [_f32(1, 6, 4), _f32(9, 6, 4)], tmp_path)
+
+
+def test_gpt_workload_dynamic_batch(tmp_path):
+    sys.path.insert(0, ROOT)
+    try:
+        from bench import workloads as W
+    finally:
+        sys.path.remove(ROOT)
+    p = {k: kiln.tensor(v) for k, v in W.params("gpt").items()}
+    tok = W.train_data("gpt")[0]
+
+    def fwd(idx):
+        return W.gpt_forward(kiln, p, idx)
+
+    attention._CAUSAL.clear()  # the mask is made during the first trace
+    _check(fwd, kiln.tensor(tok[:2]), [tok[:3], tok[:5]], tmp_path)
+
+
+def test_char_gpt_dynamic_batch(tmp_path):
+    key = "_kiln_example_char_gpt"
+    mod = sys.modules.get(key)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "examples",
+                                                                         "char_gpt.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    cfg = mod.GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32)
+    model = mod.GPT(cfg).eval()
+    rng = np.random.default_rng(0)
+    attention._CAUSAL.clear()
+    _check(model, kiln.tensor(rng.integers(0, 30, (4, 16))),
+           [rng.integers(0, 30, (2, 16)), rng.integers(0, 30, (7, 16))], tmp_path)
+
+
+def test_batch_dependent_constant_refused(tmp_path):
+    class Ramp(nn.Module):
+        def forward(self, x):
+            return x * kiln.arange(x.shape[0], dtype=kiln.float32)[:, None]
+
+    with pytest.raises(RuntimeError, match=r"could not make batch dynamic.*not one value "
+                                           r"repeated"):
+        export(Ramp(), kiln.randn(3, 2), str(tmp_path / "r.onnx"),
+               dynamic_dims={0: {0: "batch"}})
