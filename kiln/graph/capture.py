@@ -125,6 +125,9 @@ class Tracer:
             n = Node("input", (), {}, t._data.shape, t._data.dtype, name="", kind="created")
             n.attrs = {"value": np.array(t._data)}  # its value when first read
             self.pending[id(t)] = (t, n)
+            # in the inputs where it was first read (as a later trace, where it exists before
+            # the call, would capture it) until settle decides whether it is state or constant
+            self.graph.inputs.append(n)
         else:
             n = self.graph.add_input("", t._data.shape, t._data.dtype, kind="captured")
             self.captured[id(t)] = (t, n)
@@ -268,19 +271,20 @@ class Tracer:
 
         Call after the caller has dropped its own references to traced tensors other than
         ``allowed_ids`` (the outputs handed back, the new ``.grad``s).  Tensors made during the
-        trace become constants (their value when first read), except those written in place
-        that are still referenced afterwards: that is state created on the first call (an
-        optimizer's ``exp_avg``), read by reference from the next run on.  Returns weak
+        trace become constants (their value when first read), except those still referenced
+        afterwards: that is state created on the first call (an optimizer's ``exp_avg``, written
+        in place) or a tensor cached for later calls (a causal mask kept in a dict), which
+        later traces capture as inputs since it exists before them; it is read by reference
+        from the next run on, so every trace has the same inputs.  Returns weak
         references to tensors computed in the trace that are still alive although the graph
         cannot update them (stored in a list, a global or an attribute)."""
         import gc
 
-        states = {key: (weakref.ref(t), n) for key, (t, n) in self.pending.items()
-                  if key in self.mutated}
+        states = {key: (weakref.ref(t), n) for key, (t, n) in self.pending.items()}
         # the graph outputs follow the order of the writes, whatever settles here: a later trace
         # (where this state already exists) must list them the same way for unify to merge them
         order = list(self.mutated)
-        mutated = {key: self.mutated.pop(key) for key in states}
+        mutated = {key: self.mutated.pop(key) for key in states if key in self.mutated}
         mutated = {key: (weakref.ref(t), n) for key, (t, n) in mutated.items()}
         self._node_locs = weakref.WeakKeyDictionary()
         refs = []
@@ -297,7 +301,7 @@ class Tracer:
         t = None  # noqa: F841 - drop the loop's reference before testing liveness
         self.keep, self.traced, self._watch_refs = [], [], []
         self.values, self.arrays, self.created = {}, {}, {}
-        self.pending = {key: v for key, v in self.pending.items() if key not in states}
+        self.pending = {}
         if any(r() is not None for r in refs) or any(w() is not None for w, _ in states.values()):
             gc.collect()  # in-place ops leave reference cycles between a tensor and its node
         consts = []
@@ -306,16 +310,16 @@ class Tracer:
             if t is not None:  # state that lives on: read it by reference from the next run
                 n.kind = "captured"
                 n.attrs = {}
-                self.graph.inputs.append(n)
                 self.captured[key] = (t, n)
-                self.mutated[key] = (t, mutated[key][1])
-            else:  # a temporary written in place: its first value is a constant
+                if key in mutated:
+                    self.mutated[key] = (t, mutated[key][1])
+            else:  # a temporary (perhaps written in place): its first value is a constant
                 n.op, n.kind = "const", ""
                 consts.append(n)
+        t = None  # noqa: F841
         self.mutated = {key: self.mutated[key] for key in order if key in self.mutated}
-        for _t, n in self.pending.values():
-            n.op, n.kind = "const", ""
-            consts.append(n)
         self.graph.nodes[:0] = consts
-        self.pending = {}
+        self.graph.inputs = [n for n in self.graph.inputs if n.op == "input"]
+        pos = {n: i for i, n in enumerate(self.graph.inputs)}
+        self.captured = dict(sorted(self.captured.items(), key=lambda kv: pos[kv[1][1]]))
         return [r for r in refs if r() is not None]

@@ -461,8 +461,10 @@ class CompiledFunction:
         from kiln.graph.optimize import optimize
 
         e.graph, e.stats = optimize(e.traced)
-        # a constant output is the same array at every call: hand out copies of it
-        e.copied = {k for k in e.out_names if e.graph.outputs[k].op == "const"}
+        # a constant output is the same array at every call: hand out copies of it (also a
+        # constant expanded to a batch-sized shape, a read-only view, by unify)
+        e.copied = {k for k in e.out_names if e.graph.outputs[k].op == "const" or (
+            e.graph.outputs[k].op == "expand" and e.graph.outputs[k].inputs[0].op == "const")}
         e.run = _executor(e.graph, _updates_map(e, e.graph), self.backend,
                           self.__name__)
 

@@ -36,7 +36,11 @@ def unify(a: Graph, b: Graph, name: str, n1: int, n2: int) -> Graph:
         if x.op == "const":
             va, vb = x.attrs["value"], y.attrs["value"]
             if va.shape != vb.shape or not np.array_equal(va, vb, equal_nan=True):
-                raise CannotUnify(f"constant %{x.id} differs")
+                n = _uniform_const(x, va, vb, name, n1, n2)
+                g.nodes += [n.inputs[0], n]
+                new[x] = n
+                new[y] = n
+                continue
             attrs = x.attrs
         else:
             attrs = _unify_attrs(x.attrs, y.attrs, name, n1, n2)
@@ -50,6 +54,29 @@ def unify(a: Graph, b: Graph, name: str, n1: int, n2: int) -> Graph:
             raise CannotUnify(f"output {k} differs")
         g.outputs[k] = new[a.outputs[k]]
     return g
+
+
+def _uniform_const(x: Node, va, vb, name, n1, n2) -> Node:
+    """Two constants that differ only in a batch-sized shape and hold one repeated value (the
+    zero initial state ``zeros(layers, B, H)`` of an RNN): a scalar constant expanded to the
+    symbolic shape.  Anything else (``arange(B)``, a value that depends on the size) raises."""
+    why = f"constant %{x.id} differs between the traces"
+    if va.shape == vb.shape:
+        raise CannotUnify(f"{why} (same shape {va.shape}, different values)")
+    try:
+        shape = unify_value(tuple(va.shape), tuple(vb.shape), name, n1, n2)
+    except CannotUnify:
+        raise CannotUnify(f"{why} (shapes {va.shape} and {vb.shape} are not a linear function "
+                          f"of the batch size)") from None
+    if va.size == 0 or vb.size == 0:
+        raise CannotUnify(f"{why} (an empty constant)")
+    s = va.reshape(-1)[:1].reshape(())
+    if not (np.array_equal(va, np.broadcast_to(s, va.shape), equal_nan=True) and
+            np.array_equal(vb, np.broadcast_to(s, vb.shape), equal_nan=True)):
+        raise CannotUnify(f"{why} (shapes {va.shape} and {vb.shape}; its elements are not one "
+                          "value repeated in both traces, e.g. an arange of the batch size)")
+    c = Node("const", (), {"value": np.array(s)}, (), va.dtype, loc=x.loc)
+    return Node("expand", [c], {"shape": shape}, shape, va.dtype, loc=x.loc)
 
 
 def _unify_attrs(x, y, name, n1, n2):

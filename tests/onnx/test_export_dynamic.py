@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kiln.onnx import export  # noqa: E402
+from tests.helpers import workload_forward  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
 RTOL = 1e-5
@@ -87,17 +88,8 @@ def test_recurrent_stack_dynamic_batch(tmp_path):
 
 
 def test_gpt_workload_dynamic_batch(tmp_path):
-    sys.path.insert(0, ROOT)
-    try:
-        from bench import workloads as W
-    finally:
-        sys.path.remove(ROOT)
-    p = {k: kiln.tensor(v) for k, v in W.params("gpt").items()}
+    fwd, W = workload_forward("gpt")
     tok = W.train_data("gpt")[0]
-
-    def fwd(idx):
-        return W.gpt_forward(kiln, p, idx)
-
     attention._CAUSAL.clear()  # the mask is made during the first trace
     _check(fwd, kiln.tensor(tok[:2]), [tok[:3], tok[:5]], tmp_path)
 
