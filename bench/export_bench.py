@@ -8,8 +8,8 @@ For each workload of bench/workloads.py (the forward pass with the spec's parame
 fresh process per workload:
 
 - ``kiln.export`` time and ``.kiln`` size, ``kiln.onnx.export`` time and ``.onnx`` size
-  (dynamic batch dimension; a model that refuses one (gpt: its causal mask is cached between
-  calls) is exported once per batch size, and the table says so);
+  (dynamic batch dimension; a model that refused one would be exported once per batch size,
+  and the table would say so);
 - inference latency at batch 1 and 256 of the artifact loaded with ``kiln.load_exported`` and of
   ONNX Runtime running the ``.onnx`` file (an ``InferenceSession`` with default session options:
   measured as found), the ratio, and the largest difference between the two outputs.
@@ -76,7 +76,7 @@ def _export_all(kiln, fn, workload: str, tmp: str) -> dict:
     res = {"kiln": {}, "onnx": {}}
     example = kiln.tensor(infer_input(workload, 2))
     with kiln.no_grad():
-        fn(example)  # a model that has run before, as a trained one has (gpt caches its mask)
+        fn(example)  # a model that has run before, as a trained one has
     for fmt, export in (("kiln", kiln.export), ("onnx", kiln.onnx.export)):
         path = os.path.join(tmp, f"{workload}.{fmt}")
         try:

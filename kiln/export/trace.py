@@ -64,21 +64,21 @@ def _map_leaves(obj, fn):
     return obj
 
 
-def example_args(example_inputs) -> tuple:
+def example_args(example_inputs, who: str = "kiln.export") -> tuple:
     """The positional arguments: a tensor (or array) alone, or a tuple/list of arguments."""
     if isinstance(example_inputs, (Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError(f"kiln.export: example_inputs must be a tensor or a tuple of arguments, "
+        raise TypeError(f"{who}: example_inputs must be a tensor or a tuple of arguments, "
                         f"got {type(example_inputs).__name__}")
     return tuple(_make(np.asarray(a)) if isinstance(a, np.ndarray) else a
                  for a in example_inputs)
 
 
-def _dynamic_spec(dynamic_dims, names: list, leaves: list) -> tuple[str, list]:
+def _dynamic_spec(dynamic_dims, names: list, leaves: list, who: str) -> tuple[str, list]:
     """(dimension name, [leaf index]) from ``{input: {0: "batch"}}`` (input: name or index)."""
     if not isinstance(dynamic_dims, dict):
-        raise TypeError(f"kiln.export: dynamic_dims must be a dict like {{'x': {{0: 'batch'}}}}, "
+        raise TypeError(f"{who}: dynamic_dims must be a dict like {{'x': {{0: 'batch'}}}}, "
                         f"got {type(dynamic_dims).__name__}")
     dim_names, chosen = set(), []
     for key, dims in dynamic_dims.items():
@@ -87,56 +87,56 @@ def _dynamic_spec(dynamic_dims, names: list, leaves: list) -> tuple[str, list]:
         elif isinstance(key, str) and key in names:
             i = names.index(key)
         else:
-            raise ValueError(f"kiln.export: dynamic_dims names {key!r}, which is not a tensor "
+            raise ValueError(f"{who}: dynamic_dims names {key!r}, which is not a tensor "
                              f"input (inputs: {', '.join(names)})")
         if not isinstance(dims, dict) or not dims:
-            raise TypeError(f"kiln.export: dynamic_dims[{key!r}] must be a dict like "
+            raise TypeError(f"{who}: dynamic_dims[{key!r}] must be a dict like "
                             f"{{0: 'batch'}}, got {dims!r}")
         ndim = leaves[i].ndim
         for d, dim_name in dims.items():
             if type(d) is not int or not -ndim <= d < ndim:
-                raise ValueError(f"kiln.export: dynamic_dims[{key!r}]: {d!r} is not a dimension "
+                raise ValueError(f"{who}: dynamic_dims[{key!r}]: {d!r} is not a dimension "
                                  f"of {names[i]} (shape {tuple(leaves[i].shape)})")
             if d % ndim != 0:
-                raise ValueError(f"kiln.export: dynamic_dims[{key!r}]: only dimension 0 (the "
+                raise ValueError(f"{who}: dynamic_dims[{key!r}]: only dimension 0 (the "
                                  f"batch dimension) can be dynamic, got dimension {d}")
             if not isinstance(dim_name, str) or not dim_name.isidentifier():
-                raise ValueError(f"kiln.export: dynamic dimension name {dim_name!r} must be an "
+                raise ValueError(f"{who}: dynamic dimension name {dim_name!r} must be an "
                                  f"identifier")
             dim_names.add(dim_name)
         chosen.append(i)
     if len(dim_names) > 1:
-        raise ValueError(f"kiln.export: one dynamic dimension is supported (dimension 0 of the "
+        raise ValueError(f"{who}: one dynamic dimension is supported (dimension 0 of the "
                          f"inputs that have it), got {sorted(dim_names)}")
     sizes = {leaves[i].shape[0] for i in chosen}
     if len(sizes) > 1:
         desc = ", ".join(f"{names[i]} has {leaves[i].shape[0]}" for i in chosen)
-        raise ValueError(f"kiln.export: inputs sharing the dynamic dimension must have the same "
+        raise ValueError(f"{who}: inputs sharing the dynamic dimension must have the same "
                          f"size in the example ({desc})")
     return dim_names.pop(), sorted(set(chosen))
 
 
-def capture(fn, example_inputs, dynamic_dims=None) -> Captured:
+def capture(fn, example_inputs, dynamic_dims=None, who: str = "kiln.export") -> Captured:
     """Trace ``fn`` on the example inputs (twice with a dynamic dimension) into a Captured."""
     from kiln.graph.compiled import CompiledFunction
     from kiln.grad_mode import no_grad
 
-    args = example_args(example_inputs)
+    args = example_args(example_inputs, who)
     cf = CompiledFunction(fn, dynamic=True if dynamic_dims else False)
     try:
         with no_grad():
             cf(*args)
-            e = _usable(cf)
+            e = _usable(cf, who)
             names = _arg_names(fn, [n.name for n in e.traced.inputs if n.kind == "arg"])
             sym_names: dict = {}
             dims: dict = {}
             if dynamic_dims:
                 leaves: list = []
                 _leaves(args, leaves)
-                dim, chosen = _dynamic_spec(dynamic_dims, names, leaves)
+                dim, chosen = _dynamic_spec(dynamic_dims, names, leaves, who)
                 n0 = leaves[chosen[0]].shape[0]
                 if n0 < 1:
-                    raise ValueError(f"kiln.export: the example's dynamic dimension {dim} is 0")
+                    raise ValueError(f"{who}: the example's dynamic dimension {dim} is 0")
                 n1 = max(n0, 2)  # size 1 is special (broadcasting): never trace at it
                 n2 = n1 + 1
                 picks = {id(leaves[i]) for i in chosen}
@@ -152,13 +152,13 @@ def capture(fn, example_inputs, dynamic_dims=None) -> Captured:
                     cf.entries.clear()
                     cf(*_map_leaves(args, resize(n1)))
                 cf(*_map_leaves(args, resize(n2)))
-                e = _usable(cf)
+                e = _usable(cf, who)
                 if not e.sizes:
-                    raise RuntimeError(f"kiln.export: could not make {dim} dynamic: "
+                    raise RuntimeError(f"{who}: could not make {dim} dynamic: "
                                        f"{_why_not(cf, n1, n2)}")
                 sym_names = {s: dim for s in e.sizes}
                 dims = {dim: {"traced_at": [n1, n2]}}
-            return _finish(cf, e, names, sym_names, dims)
+            return _finish(cf, e, names, sym_names, dims, who)
     finally:
         cf.entries.clear()  # the artifact holds its own graph; drop the executors
 
@@ -186,13 +186,13 @@ def _arg_names(fn, names: list) -> list:
     return out if len(set(out)) == len(out) else names
 
 
-def _usable(cf):
+def _usable(cf, who: str):
     if not cf.entries:
-        raise RuntimeError(f"kiln.export: {cf.__name__} could not be captured as a graph: it "
+        raise RuntimeError(f"{who}: {cf.__name__} could not be captured as a graph: it "
                            "keeps tensors it computes (in a list, a global or an attribute)")
     e = cf.entries[0]
     if e.eager:
-        raise RuntimeError(f"kiln.export: {cf.__name__} cannot be exported: {e.reason}")
+        raise RuntimeError(f"{who}: {cf.__name__} cannot be exported: {e.reason}")
     return e
 
 
@@ -210,14 +210,14 @@ def _why_not(cf, n1: int, n2: int) -> str:
     return "the traces could not be merged (their captured tensors or outputs differ)"
 
 
-def _finish(cf, e, names: list, sym_names: dict, dims: dict) -> Captured:
+def _finish(cf, e, names: list, sym_names: dict, dims: dict, who: str) -> Captured:
     if e.updates:
         state = ", ".join(name[len("update:"):] for _, name in e.updates)
-        raise RuntimeError(f"kiln.export: {cf.__name__} writes to state while it runs ({state}); "
+        raise RuntimeError(f"{who}: {cf.__name__} writes to state while it runs ({state}); "
                            "an exported program is read-only: call model.eval() (BatchNorm "
                            "statistics) or export a function without in-place state updates")
     if len(set(names)) != len(names):
-        raise RuntimeError(f"kiln.export: tensor inputs with the same name: {names}")
+        raise RuntimeError(f"{who}: tensor inputs with the same name: {names}")
     g = e.traced.copy()
     for n, name in zip([n for n in g.inputs if n.kind == "arg"], names):
         n.name = name

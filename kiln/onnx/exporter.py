@@ -35,7 +35,7 @@ def export(model_or_fn, example_inputs, path, *, opset=None, dynamic_dims=None,
 
     onnx = require("onnx")
     opset = _opset(onnx, opset)
-    cap = capture(model_or_fn, example_inputs, dynamic_dims)
+    cap = capture(model_or_fn, example_inputs, dynamic_dims, who="kiln.onnx.export")
     prefix = "model." if _is_module(model_or_fn) else ""
     model = build_model(onnx, cap, opset, input_names, output_names, weight_prefix=prefix)
     try:

@@ -120,3 +120,10 @@ def test_batch_dependent_constant_refused(tmp_path):
                                            r"repeated"):
         export(Ramp(), kiln.randn(3, 2), str(tmp_path / "r.onnx"),
                dynamic_dims={0: {0: "batch"}})
+
+
+def test_capture_errors_name_kiln_onnx_export(tmp_path):
+    with pytest.raises(ValueError, match=r"^kiln\.onnx\.export: dynamic_dims names 'nope'"):
+        kiln.onnx.export(kiln.nn.Linear(3, 2), (kiln.randn(2, 3),), tmp_path / "m.onnx",
+                         dynamic_dims={"nope": {0: "batch"}})
+    assert not (tmp_path / "m.onnx").exists()
