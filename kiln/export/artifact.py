@@ -5,7 +5,7 @@ input names, e.g. ``model.0.weight``) and the constants too large to inline; its
 ``"format": "kiln.export"`` and, under ``"kiln.export"``, one JSON document::
 
     {"format": "kiln.export", "format_version": 1, "kiln_version": "0.1.0", "name": ...,
-     "dims": {"batch": {"traced_at": [4, 5]}},
+     "dims": {"batch": {"traced_at": [4, 5, 11]}},
      "graph": {"inputs": [...], "nodes": [...], "outputs": [["out0", 12], ...]},
      "structure": ..., "checksums": {tensor name: CRC-32}}
 

@@ -27,7 +27,7 @@ class Captured:
     weights: list  # numpy arrays, one per graph input after the arguments
     structure: object  # the output structure (compile's out_spec)
     out_names: list
-    dims: dict = field(default_factory=dict)  # dynamic dimension -> {"traced_at": [n1, n2]}
+    dims: dict = field(default_factory=dict)  # dynamic dimension -> {"traced_at": [n1, n2, n3]}
     sym_names: dict = field(default_factory=dict)  # compile's symbol -> the user's name
     name: str = "graph"
 
@@ -156,8 +156,15 @@ def capture(fn, example_inputs, dynamic_dims=None, who: str = "kiln.export") -> 
                 if not e.sizes:
                     raise RuntimeError(f"{who}: could not make {dim} dynamic: "
                                        f"{_why_not(cf, n1, n2)}")
+                n3 = 2 * n2 + 1  # a third, farther size checks the graph is linear in it
+                cf(*_map_leaves(args, resize(n3)))
+                if cf.misfit is not None:
+                    raise RuntimeError(f"{who}: could not make {dim} dynamic: at size {n3} the "
+                                       f"graph differs from the one traced at {n1} and {n2} "
+                                       f"({cf.misfit[1]}): a size computed from {dim} that is "
+                                       "not linear in it (such as n // 2)")
                 sym_names = {s: dim for s in e.sizes}
-                dims = {dim: {"traced_at": [n1, n2]}}
+                dims = {dim: {"traced_at": [n1, n2, n3]}}
             return _finish(cf, e, names, sym_names, dims, who)
     finally:
         cf.entries.clear()  # the artifact holds its own graph; drop the executors

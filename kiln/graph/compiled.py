@@ -61,6 +61,13 @@ def compile(fn=None, *, dynamic: bool | None = None, strict: bool = False,  # no
 
 # -- argument structure ----------------------------------------------------------------------
 
+def _arg_paths(args, kwargs) -> list:
+    """The tensor arguments' paths: ``args[0]``, ``kwargs['mask']``, ``args[1][0]``..."""
+    names: list = []
+    _flatten((args, kwargs), "", [], names)
+    return [("args" if n.startswith("[0]") else "kwargs") + n[3:] for n in names]
+
+
 def _flatten(obj, path: str, leaves: list, names: list | None):
     """A hashable description of ``obj`` with tensors replaced by slots (appended to leaves,
     and their paths to ``names`` when it is a list)."""
@@ -149,6 +156,8 @@ class Entry:
         self.copied: set = set()  # outputs to copy at every call (constants)
         self.reason = ""
         self.sizes: dict = {}  # symbol -> the sizes it was traced at
+        self.first = None  # dynamic: (the trace at the first size, that size)
+        self.verified: set = set()  # dynamic: batch sizes checked to fit the graph
 
     # signature checks ---------------------------------------------------------------------------
     def shape_match(self, shapes, dtypes) -> bool:
@@ -168,6 +177,14 @@ class Entry:
                 elif g != w:
                     return False
         return True
+
+    def batch_size(self, shapes) -> int:
+        """The value of the dynamic dimension in matching ``shapes``."""
+        for got, want in zip(shapes, self.shapes):
+            for g, w in zip(got, want):
+                if isinstance(w, Sym):
+                    return (g - w.add) // w.mul
+        raise AssertionError("not a dynamic entry")
 
     def mismatch(self, leaves: list) -> str:
         """Why the guards other than argument shapes fail now ('' when they hold)."""
@@ -233,6 +250,7 @@ class CompiledFunction:
         self.entries: list[Entry] = []
         self.history: list[str] = []  # one line per compile, with its reason
         self._warned = False
+        self.misfit = None  # (batch size, why) of the last size the dynamic graph did not fit
         self._escapes = 0
         self._counter = 0
         try:
@@ -262,11 +280,44 @@ class CompiledFunction:
             if e.spec == spec and e.shape_match(shapes, dtypes) and not e.mismatch(leaves):
                 if e.eager:
                     return self.fn(*args, **kwargs)
+                if e.sizes and e.batch_size(shapes) not in e.verified:
+                    return self._check_size(e, args, kwargs, spec, leaves, shapes, dtypes)
                 return self._run(e, leaves)
-        names: list = []
-        _flatten((args, kwargs), "", [], names)
-        names = [("args" if n.startswith("[0]") else "kwargs") + n[3:] for n in names]
-        return self._compile(args, kwargs, spec, leaves, names, shapes, dtypes)
+        return self._compile(args, kwargs, spec, leaves, _arg_paths(args, kwargs), shapes,
+                             dtypes)
+
+    def _check_size(self, e: Entry, args, kwargs, spec, leaves, shapes, dtypes):
+        """A batch size the dynamic graph was not traced at: trace this call (it runs eagerly)
+        and keep serving the size from the dynamic graph only if this trace unifies with the
+        first one into the same graph; otherwise the size gets its own graph.  This catches
+        shapes that are not linear in the batch size (``x[:n // 2]``)."""
+        from kiln.graph.unify import difference, unify
+
+        b = e.batch_size(shapes)
+        result, new = self._trace(args, kwargs, spec, leaves, _arg_paths(args, kwargs), shapes,
+                                  dtypes)
+        if new is None or new.eager:
+            return result
+        first, n1 = e.first
+        try:
+            why = difference(e.traced, unify(first, new.traced, "B", n1, b))
+        except CannotUnify as err:
+            why = str(err)
+        if not why and new.captured_keys() != e.captured_keys():
+            why = "it reads different tensors"
+        if not why:
+            e.verified.add(b)
+            return result
+        self.misfit = (b, why)
+        self._finish(new)
+        self.entries.insert(0, new)
+        if len(self.entries) > MAX_ENTRIES:
+            self.entries.pop()
+        line = (f"recompiled {self.__name__}: batch size {b} does not fit the dynamic graph "
+                f"traced at {sorted(e.verified)} ({why})")
+        self.history.append(line)
+        _debug(1, line)
+        return result
 
     def _run(self, e: Entry, leaves: list):
         arrays = [t._data for t in leaves]
@@ -449,9 +500,11 @@ class CompiledFunction:
         if (old.captured_keys() != new.captured_keys()
                 or old.out_names != new.out_names):
             return None
+        new.first = (old.traced, n1)
         new.traced = g
         new.shapes = tuple(tuple(n.shape) for n in g.inputs[:len(new.shapes)])
         new.sizes = {"B": (n1, n2)}
+        new.verified = {n1, n2}
         return new
 
     def _finish(self, e: Entry) -> None:

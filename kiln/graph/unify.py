@@ -103,3 +103,39 @@ def _unify_attrs(x, y, name, n1, n2):
             raise CannotUnify(f"{x!r} vs {y!r}")
         return x
     return unify_value(x, y, name, n1, n2)
+
+
+def difference(a: Graph, b: Graph) -> str:
+    """'' when ``a`` and ``b`` are the same graph (ops, wiring, attributes, shapes, constants,
+    symbols), else the first difference."""
+    if len(a.inputs) != len(b.inputs) or len(a.nodes) != len(b.nodes):
+        return "different lengths"
+    pos_a = {n: i for i, n in enumerate(a.inputs + a.nodes)}
+    pos_b = {n: i for i, n in enumerate(b.inputs + b.nodes)}
+    for x, y in zip(a.inputs + a.nodes, b.inputs + b.nodes):
+        if (x.op, x.kind, x.name, x.dtype) != (y.op, y.kind, y.name, y.dtype):
+            return f"%{x.id} {x.op} vs %{y.id} {y.op}"
+        if [pos_a[i] for i in x.inputs] != [pos_b[i] for i in y.inputs]:
+            return f"%{x.id} {x.op} reads different values"
+        if not _same(x.shape, y.shape) or not _same(x.attrs, y.attrs):
+            return f"%{x.id} {x.op}{x.loc and ' at ' + x.loc}: {x.shape} {x.attrs} vs {y.shape} " \
+                   f"{y.attrs}"[:300]
+    if [pos_a[n] for n in a.outputs.values()] != [pos_b[n] for n in b.outputs.values()]:
+        return "different outputs"
+    return ""
+
+
+def _same(x, y) -> bool:
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_same(p, q) for p, q in zip(x, y))
+    if isinstance(x, np.ndarray):
+        return x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+    if isinstance(x, slice):
+        return _same((x.start, x.stop, x.step), (y.start, y.stop, y.step))
+    if isinstance(x, float):
+        return x == y or (x != x and y != y)
+    return x == y

@@ -200,3 +200,23 @@ def test_batch_sized_constant_output_is_a_fresh_array(backend):
         np.testing.assert_array_equal(z.numpy(), np.zeros((b, 3), np.float32))
         z.add_(1.0)  # raises on a read-only (broadcast) view; must not leak into the next call
     assert len(cf.entries) == 1 and len(cf.history) == 2
+
+
+def test_a_size_that_is_not_linear_in_the_batch_gets_its_own_graph():
+    """x[: n // 2] is 2 at batch 4 and 5: the dynamic graph would freeze it; every new size
+    is checked once against a fresh trace, and one that does not fit is compiled on its own."""
+    f = kiln.compile(lambda x: x[: x.shape[0] // 2] * 2.0)
+    for n in (4, 5, 8, 8, 6, 9):
+        x = kiln.randn(n, 3)
+        y = f(x)
+        np.testing.assert_array_equal(y.numpy(), x.numpy()[: n // 2] * 2.0)
+    assert f.misfit is not None and f.misfit[0] in (8, 6, 9)
+    assert any("batch size 8 does not fit the dynamic graph" in h for h in f.history)
+
+
+def test_linear_graphs_check_each_new_size_once():
+    f = kiln.compile(lambda x: (x * 2).reshape(-1))
+    for n in (4, 5, 8, 8, 6, 8):
+        np.testing.assert_array_equal(f(kiln.ones(n, 3)).numpy(), np.full(3 * n, 2.0))
+    assert len(f.history) == 2 and f.misfit is None
+    assert len(f.entries) == 1 and f.entries[0].verified == {4, 5, 6, 8}

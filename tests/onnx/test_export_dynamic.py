@@ -127,3 +127,12 @@ def test_capture_errors_name_kiln_onnx_export(tmp_path):
         kiln.onnx.export(kiln.nn.Linear(3, 2), (kiln.randn(2, 3),), tmp_path / "m.onnx",
                          dynamic_dims={"nope": {0: "batch"}})
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("export", ["kiln", "onnx"])
+def test_a_size_not_linear_in_the_batch_is_refused(tmp_path, export):
+    fn = {"kiln": kiln.export, "onnx": kiln.onnx.export}[export]
+    with pytest.raises(RuntimeError, match="could not make b dynamic: at size 11"):
+        fn(lambda x: x[: x.shape[0] // 2] * 1.0, (kiln.randn(4, 3),), tmp_path / "m",
+           dynamic_dims={0: {0: "b"}})
+    assert not (tmp_path / "m").exists()
