@@ -127,7 +127,7 @@ def capture(fn, example_inputs, dynamic_dims=None, who: str = "kiln.export") -> 
         with no_grad():
             cf(*args)
             e = _usable(cf, who)
-            names = _arg_names(fn, [n.name for n in e.traced.inputs if n.kind == "arg"])
+            names = [n.name for n in e.traced.inputs if n.kind == "arg"]
             sym_names: dict = {}
             dims: dict = {}
             if dynamic_dims:
@@ -168,29 +168,6 @@ def capture(fn, example_inputs, dynamic_dims=None, who: str = "kiln.export") -> 
             return _finish(cf, e, names, sym_names, dims, who)
     finally:
         cf.entries.clear()  # the artifact holds its own graph; drop the executors
-
-
-def _arg_names(fn, names: list) -> list:
-    """Input names, with a module's ``args[0]`` renamed after its ``forward``'s parameter."""
-    import inspect
-
-    forward = getattr(fn, "forward", None)
-    if forward is None or not callable(forward):
-        return names
-    try:
-        params = [p.name for p in inspect.signature(forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return names
-    out = []
-    for name in names:
-        if name.startswith("args["):
-            end = name.index("]")
-            i = int(name[5:end])
-            if i < len(params):
-                name = params[i] + name[end + 1:]
-        out.append(name)
-    return out if len(set(out)) == len(out) else names
 
 
 def _usable(cf, who: str):

@@ -61,6 +61,22 @@ def compile(fn=None, *, dynamic: bool | None = None, strict: bool = False,  # no
 
 # -- argument structure ----------------------------------------------------------------------
 
+def _positional_params(fn) -> list:
+    """Names of ``fn``'s positional parameters (a module's ``forward``'s), up to ``*args``."""
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        fn = getattr(fn, "forward", fn)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return names
+
+
 def _arg_paths(args, kwargs) -> list:
     """The tensor arguments' paths: ``args[0]``, ``kwargs['mask']``, ``args[1][0]``..."""
     names: list = []
@@ -253,10 +269,7 @@ class CompiledFunction:
         self.misfit = None  # (batch size, why) of the last size the dynamic graph did not fit
         self._escapes = 0
         self._counter = 0
-        try:
-            self._params = list(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            self._params = []
+        self._params = _positional_params(fn)
 
     def __getattr__(self, name):  # kiln.compile(model).eval(), .parameters(), ...
         return getattr(self.__dict__["fn"], name)
@@ -527,7 +540,7 @@ class CompiledFunction:
         if path.startswith("args[") and self._params:
             end = path.index("]")
             i = int(path[5:end])
-            if i < len(self._params) and self._params[i] not in ("args",):
+            if i < len(self._params):
                 return self._params[i] + path[end + 1:]
         if path.startswith("kwargs['"):
             end = path.index("']")

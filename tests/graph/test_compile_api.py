@@ -325,3 +325,16 @@ def test_compiled_function_returns_named_tuples_of_sort_and_topk():
         np.testing.assert_array_equal(s.values.numpy(), ref_s.values.numpy())
         np.testing.assert_array_equal(s.indices.numpy(), ref_s.indices.numpy())
         np.testing.assert_array_equal(t.indices.numpy(), ref_t.indices.numpy())
+
+
+def test_inputs_are_named_after_forward_parameters():
+    class Pair(nn.Module):
+        def forward(self, a, b, *rest, scale=1.0):
+            return a @ b * scale
+
+    f = kiln.compile(Pair())
+    f(kiln.randn(2, 3), kiln.randn(3, 4))
+    assert [n.name for n in f.graph().inputs if n.kind == "arg"] == ["a", "b"]
+    g = kiln.compile(lambda *xs: xs[0] + xs[1])
+    g(kiln.randn(2), kiln.randn(2))
+    assert [n.name for n in g.graph().inputs] == ["args[0]", "args[1]"]
