@@ -1,4 +1,5 @@
-"""The ONNX graph under construction: nodes, initializers, fresh names and shape tensors.
+"""The ONNX graph under construction: nodes, initializers (weights), constants, fresh names
+and shape tensors.
 
 ``Emitter`` is what the per-primitive emitters (``export_ops``) write into.  Values are named
 by strings; Kiln graph nodes map to the name of the ONNX value holding them.  Shapes may hold
@@ -59,12 +60,16 @@ class Emitter:
         return name
 
     def const(self, value, dtype=None) -> str:
-        """A constant initializer (shared between equal small constants)."""
+        """A ``Constant`` node (shared between equal small constants); initializers are kept for
+        weights, so that an importer can tell what is trainable."""
         a = np.asarray(value, dtype)
         key = (a.dtype.str, a.shape, a.tobytes()) if a.size <= 64 else None
         if key is not None and key in self._consts:
             return self._consts[key]
-        name = self.init(a, "const")
+        name = self.fresh("const")
+        self.nodes.append(self.onnx.helper.make_node(
+            "Constant", [], [name], name=self.fresh("Constant_n"),
+            value=self.onnx.numpy_helper.from_array(np.asarray(a, order="C"), name)))
         if key is not None:
             self._consts[key] = name
         return name

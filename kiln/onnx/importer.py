@@ -151,7 +151,7 @@ class OnnxModule(Module):
     """An ONNX graph as a Kiln module: call it with the graph inputs (positional or by name).
 
     Float initializers are parameters, except BatchNormalization's running statistics, which
-    are buffers; ``onnx_names`` maps each attribute name to its ONNX initializer name;
+    are buffers, and initializers holding infinities or NaNs (masks), which are constants; ``onnx_names`` maps each attribute name to its ONNX initializer name;
     ``input_names`` / ``output_names`` are the graph's.  One output returns a Tensor,
     several a tuple.
     """
@@ -169,7 +169,7 @@ class OnnxModule(Module):
         stats = running_statistics(graph)
         for init in graph.initializer:
             value = to_array(init, f"initializer {init.name!r}")
-            if value.dtype.kind == "f":
+            if value.dtype.kind == "f" and np.isfinite(value).all():
                 attr = sanitize(init.name, taken)
                 if init.name in stats:  # as in nn.BatchNorm: state, not trained
                     self.register_buffer(attr, _make(value))

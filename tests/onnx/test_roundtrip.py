@@ -399,3 +399,30 @@ def test_export_bench_quick(tmp_path):
     assert rows[1].startswith("| mlp | 1 |") and rows[2].startswith("| mlp | 256 |")
     assert "## Errors" not in text
     assert "onnxruntime" in text and "cores" in text
+
+
+def test_kiln_gpt_round_trip_keeps_only_weights_trainable(tmp_path):
+    """The attention scale and the -inf mask fill are Constant nodes in Kiln's export, and an
+    initializer holding infinities is a constant on import: only the weights are parameters."""
+    model, x = _workload("gpt")
+    W = workload_forward("gpt")[1]
+    path = tmp_path / "gpt.onnx"
+    kiln.onnx.export(model, (kiln.tensor(x),), path)
+    m = kiln.onnx.load(path)
+    assert len(list(m.parameters())) == len(W.params("gpt"))
+
+
+def test_an_initializer_holding_infinities_is_a_constant(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    mask = np.triu(np.full((3, 3), -np.inf, np.float32), 1)
+    w = np.ones((3, 3), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "mask"], ["a"]), helper.make_node("Mul", ["a", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
+        [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(w, "w")])
+    m = kiln.onnx.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [m.onnx_names[k] for k, _ in m.named_parameters()] == ["w"]
+    x = np.arange(9, dtype=np.float32).reshape(3, 3)
+    np.testing.assert_array_equal(m(kiln.tensor(x)).detach().numpy(), x + mask)
