@@ -151,8 +151,9 @@ class OnnxModule(Module):
     """An ONNX graph as a Kiln module: call it with the graph inputs (positional or by name).
 
     Float initializers are parameters, except BatchNormalization's running statistics, which
-    are buffers, and initializers holding infinities or NaNs (masks), which are constants; ``onnx_names`` maps each attribute name to its ONNX initializer name;
-    ``input_names`` / ``output_names`` are the graph's.  One output returns a Tensor,
+    are buffers, and initializers holding infinities or NaNs (masks), which are constants;
+    ``onnx_names`` maps each attribute name to its ONNX initializer name; ``input_names`` /
+    ``output_names`` are the graph's.  One output returns a Tensor,
     several a tuple.
     """
 
