@@ -172,6 +172,8 @@ def write_atomic(path: str, write) -> None:
     """Create ``path`` with ``write(tmp_path)`` so that a crash at any moment leaves the old file
     or the new one, never a torn file: temporary file, fsync, rename, fsync of the directory."""
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:

@@ -50,18 +50,29 @@ def read_model(model):
             proto.ParseFromString(bytes(model))
         except Exception as e:  # protobuf's DecodeError
             raise ValueError(f"kiln.onnx.load: the bytes are not a valid ONNX model ({e})") from e
-        return proto
+        return _not_empty(proto, "the bytes")
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"kiln.onnx.load: {path!r} is a directory, not an ONNX file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"kiln.onnx.load: no such file: {path!r}")
         try:
-            return onnx.load(path)
+            proto = onnx.load(path)
         except Exception as e:
             raise ValueError(f"kiln.onnx.load: {path!r} is not a valid ONNX model "
                              f"({type(e).__name__}: {e})") from e
+        return _not_empty(proto, repr(path))
     raise TypeError("kiln.onnx.load expects a path, bytes or an onnx.ModelProto, "
                     f"got {type(model).__name__}")
+
+
+def _not_empty(proto, what: str):
+    """Protobuf parses empty input as an empty message: refuse a model with no opset or graph."""
+    if not proto.opset_import or not proto.graph.output:
+        raise ValueError(f"kiln.onnx.load: {what} is not a valid ONNX model (it declares no "
+                         "opset or no graph outputs; empty or truncated?)")
+    return proto
 
 
 def type_name(elem_type: int) -> str:
@@ -185,9 +196,11 @@ class OnnxModule(Module):
         known = set(self._static) | set(self._param_of)
         self.input_names = [i.name for i in graph.input if i.name not in known]
         self._input_types = {}  # the NumPy dtype Kiln computes each tensor input in
+        self._input_shapes = {}  # declared shapes: ints, None for a named or unknown dimension
         for vi in graph.input:
             if vi.name not in known:
                 self._input_types[vi.name] = _value_type(vi, "graph input")
+                self._input_shapes[vi.name] = _declared_shape(vi)
         self.output_names = [o.name for o in graph.output]
         self.output_types = {}  # declared NumPy dtypes of the outputs, where the graph says
         for vo in graph.output:
@@ -222,6 +235,7 @@ class OnnxModule(Module):
         bound = bind_by_name("the ONNX model", self.input_names, inputs, by_name)
         for k, v in bound.items():
             bound[k] = _bind_value(k, v, self._input_types.get(k))
+            _check_shape(k, bound[k], self._input_shapes.get(k))
         return bound
 
     def to_declared(self, outputs) -> list:
@@ -254,6 +268,25 @@ def _value_type(vi, what: str, declared: bool = False):
         else:
             raise TypeError(f"{what} {vi.name!r} has type {kind}, which Kiln does not support "
                             "(tensors, sequences and optionals are)")
+
+
+def _declared_shape(vi):
+    """A tensor input's declared shape (None for a symbolic dimension), or None if not given."""
+    t = vi.type
+    if t.WhichOneof("value") != "tensor_type" or not t.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None
+                 for d in t.tensor_type.shape.dim)
+
+
+def _check_shape(name, v, want) -> None:
+    if want is None or not isinstance(v, Tensor):
+        return
+    got = v._data.shape
+    if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+        dims = ", ".join("?" if w is None else str(w) for w in want)
+        raise ValueError(f"ONNX model input {name!r} must have shape ({dims}) "
+                         f"('?': any size), got {tuple(got)}")
 
 
 def _bind_value(name, v, want):

@@ -136,3 +136,10 @@ def test_a_size_not_linear_in_the_batch_is_refused(tmp_path, export):
         fn(lambda x: x[: x.shape[0] // 2] * 1.0, (kiln.randn(4, 3),), tmp_path / "m",
            dynamic_dims={0: {0: "b"}})
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("export", ["kiln", "onnx"])
+def test_export_into_a_missing_directory_names_it(tmp_path, export):
+    fn = {"kiln": kiln.export, "onnx": kiln.onnx.export}[export]
+    with pytest.raises(FileNotFoundError, match="directory .*nope.* does not exist"):
+        fn(kiln.nn.Linear(3, 2), (kiln.randn(2, 3),), tmp_path / "nope" / "m.bin")

@@ -424,3 +424,26 @@ def test_batchnorm_statistics_are_buffers_not_parameters():
                                atol=1e-5)
     y.sum().backward()  # gradients reach the parameters; the statistics stay fixed
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_empty_input_and_directories_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        kiln.onnx.load(b"")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        kiln.onnx.load(empty)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        kiln.onnx.load(tmp_path)
+
+
+def test_input_shapes_are_checked_against_the_declared_ones():
+    node = helper.make_node("Relu", ["x"], ["y"])
+    model = _model([node], [helper.make_tensor_value_info("x", F32, ["N", 3])],
+                   [_vi("y", F32, ["N", 3])])
+    m = kiln.onnx.load(model)
+    assert m(kiln.ones(5, 3)).shape == (5, 3)
+    with pytest.raises(ValueError, match=r"input 'x' must have shape \(\?, 3\).*got \(2, 4\)"):
+        m(kiln.ones(2, 4))
+    with pytest.raises(ValueError, match="got \\(3,\\)"):
+        m(kiln.ones(3))
