@@ -1,4 +1,4 @@
-"""Kiln: a deep-learning framework with PyTorch's eager API (and, later, compiled graphs)."""
+"""Kiln: a deep-learning framework with PyTorch's eager API, compiled graphs and production export."""
 
 from kiln import dtypes as _dtypes
 from kiln.dtypes import (

@@ -400,10 +400,9 @@ def _conv_transpose2d(em, n, x):
 @emits("max_pool2d")
 def _max_pool2d(em, n, x):
     a = n.attrs
-    ph, pw = a["padding"]
+    pads, ceil = _pool_pads(n, a["dilation"], exact_if_padded=True)
     return em.op("MaxPool", x, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                 pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
-                 ceil_mode=int(a["ceil_mode"]))
+                 pads=pads, dilations=list(a["dilation"]), ceil_mode=ceil)
 
 
 @emits("avg_pool2d")
@@ -411,10 +410,35 @@ def _avg_pool2d(em, n, x):
     a = n.attrs
     if a["divisor_override"] is not None:
         raise ExportError("avg_pool2d with divisor_override")
-    ph, pw = a["padding"]
+    pads, ceil = _pool_pads(n, (1, 1), exact_if_padded=not a["count_include_pad"])
     return em.op("AveragePool", x, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                 pads=[ph, pw, ph, pw], ceil_mode=int(a["ceil_mode"]),
-                 count_include_pad=int(a["count_include_pad"]))
+                 pads=pads, ceil_mode=ceil, count_include_pad=int(a["count_include_pad"]))
+
+
+def _pool_pads(n, dilation, exact_if_padded: bool):
+    """(pads, ceil_mode) for ONNX.  With ceil_mode, ONNX counts a last window that starts in
+    the right padding, which PyTorch (and Kiln) drop: there, floor mode with more end padding
+    gives Kiln's output size (exact when padded elements do not count: max, or an average
+    without count_include_pad)."""
+    a = n.attrs
+    ph, pw = a["padding"]
+    pads, ceil = [ph, pw, ph, pw], int(a["ceil_mode"])
+    if not ceil:
+        return pads, ceil
+    ends = []
+    for size, out, k, s, p, d in zip(n.inputs[0].shape[-2:], n.shape[-2:], a["kernel"],
+                                     a["stride"], (ph, pw), dilation):
+        span = (k - 1) * d + 1
+        if -(-(size + 2 * p - span) // s) + 1 == out:
+            ends.append(p)
+        elif not exact_if_padded:
+            raise ExportError("avg_pool2d with ceil_mode=True and count_include_pad=True where "
+                              "ONNX's ceil_mode would add a window that starts in the padding")
+        else:
+            ends.append((out - 1) * s + span - size - p)
+    if ends == [ph, pw]:
+        return pads, ceil
+    return [ph, pw, ends[0], ends[1]], 0
 
 
 @emits("batch_norm")  # export_patterns: the eval-mode BatchNorm arithmetic

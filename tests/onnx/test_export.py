@@ -475,3 +475,25 @@ def test_transformer_encoder_dynamic_batch(tmp_path):
     others = [(f32(b, 5, 16),) for b in (1, 4)]
     m = check(model.eval(), [x], tmp_path, dynamic_dims={0: {0: "batch"}}, others=others)
     assert {"LayerNormalization", "Softmax", "Gelu", "MatMul"} <= set(op_types(m))
+
+
+@pytest.mark.parametrize("pool", [
+    lambda a: F.max_pool2d(a, 2, 2, 1, ceil_mode=True),
+    lambda a: F.avg_pool2d(a, 2, 2, 1, ceil_mode=True, count_include_pad=False),
+    lambda a: F.max_pool2d(a, 3, 2, 0, ceil_mode=True),
+    lambda a: F.avg_pool2d(a, 3, 2, 1, ceil_mode=True)])
+def test_ceil_mode_pools_where_onnx_counts_another_window(tmp_path, pool):
+    """Width 5, kernel 2, stride 2, padding 1: ONNX's ceil_mode would add a 4th window that
+    starts in the padding; PyTorch and Kiln have 3."""
+    x = kiln.randn(1, 3, 4, 5)
+    m = export(pool, (x,), tmp_path / "p.onnx")
+    sess = ort.InferenceSession(m.SerializeToString())
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, pool(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_ceil_mode_average_counting_padding_is_refused_where_onnx_differs(tmp_path):
+    with pytest.raises(RuntimeError, match="ceil_mode=True and count_include_pad=True"):
+        export(lambda a: F.avg_pool2d(a, 2, 2, 1, ceil_mode=True), (kiln.randn(1, 3, 4, 5),),
+               tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()
