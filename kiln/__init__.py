@@ -1,4 +1,4 @@
-"""Kiln: a deep-learning framework with PyTorch's eager API, compiled graphs and production export."""
+"""Kiln: a deep-learning framework with PyTorch's eager API, compiled graphs and export."""
 
 from kiln import dtypes as _dtypes
 from kiln.dtypes import (
