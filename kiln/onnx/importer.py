@@ -447,7 +447,10 @@ def _call(fn, ctx, values, scope=None):
     try:
         return fn(ctx, *values) if scope is None else fn(ctx, scope)
     except Exception as e:
-        msg = f"ONNX node {ctx.name!r} ({ctx.op_type}): {e}"
+        where = f"ONNX node {ctx.name!r} ({ctx.op_type}): "
+        if str(e).startswith(where):  # the operator named its node already
+            raise
+        msg = where + str(e)
         try:
             err = type(e)(msg)
         except Exception:
