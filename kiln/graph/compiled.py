@@ -63,7 +63,8 @@ def compile(fn=None, *, dynamic: bool | None = None, strict: bool = False,  # no
 
 def _positional_params(fn) -> list:
     """Names of ``fn``'s positional parameters (a module's ``forward``'s), up to ``*args``."""
-    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn) and \
+            getattr(fn, "__signature__", None) is None:  # an object may state its own
         fn = getattr(fn, "forward", fn)
     try:
         params = inspect.signature(fn).parameters.values()

@@ -9,6 +9,7 @@ folded once at load time.  ``forward`` walks the nodes in order with the operato
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from typing import NamedTuple
@@ -207,6 +208,11 @@ class OnnxModule(Module):
             self.output_types[vo.name] = _value_type(vo, "graph output", declared=True)
         self._nodes = build_nodes(graph, ops, self.opset)
         self._fold()
+        # the graph inputs as forward's parameters, for kiln.compile's and kiln.export's names
+        P = inspect.Parameter
+        taken_args: set = set()
+        object.__setattr__(self, "__signature__", inspect.Signature(
+            [P(sanitize(n, taken_args), P.POSITIONAL_OR_KEYWORD) for n in self.input_names]))
 
     def _fold(self) -> None:
         """Evaluate once the nodes whose inputs are all static; keep the rest for forward."""

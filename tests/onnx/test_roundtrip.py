@@ -426,3 +426,16 @@ def test_an_initializer_holding_infinities_is_a_constant(tmp_path):
     assert [m.onnx_names[k] for k, _ in m.named_parameters()] == ["w"]
     x = np.arange(9, dtype=np.float32).reshape(3, 3)
     np.testing.assert_array_equal(m(kiln.tensor(x)).detach().numpy(), x + mask)
+
+
+def test_an_imported_module_re_exports_with_its_input_names(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    kiln.onnx.export(model, (kiln.randn(2, 3),), tmp_path / "a.onnx",
+                     dynamic_dims={"input": {0: "batch"}})
+    imported = kiln.onnx.load(tmp_path / "a.onnx")
+    again = kiln.onnx.export(imported, (kiln.randn(2, 3),), tmp_path / "b.onnx",
+                             dynamic_dims={"input": {0: "batch"}})
+    assert [i.name for i in again.graph.input] == ["input"]
+    x = kiln.randn(5, 3)
+    sess = ort.InferenceSession(str(tmp_path / "b.onnx"))
+    assert_close(sess.run(None, {"input": x.numpy()})[0], model(x), "re-exported")
