@@ -29,12 +29,15 @@ def export(model_or_fn, example_inputs, path, *, opset=None, dynamic_dims=None,
 
     ``dynamic_dims`` (``{"x": {0: "batch"}}``) makes dimension 0 of those inputs a named
     dynamic dimension; ``input_names``/``output_names`` rename the graph's inputs (tensor
-    arguments, in order) and outputs.  Returns the ``onnx.ModelProto`` that was written.
+    arguments, in order) and outputs (``dynamic_dims`` may use the new input names).  Returns the ``onnx.ModelProto`` that was written.
     """
     from kiln.export.trace import capture
 
     onnx = require("onnx")
     opset = _opset(onnx, opset)
+    if dynamic_dims and input_names:  # keys may use the new names: to positions
+        dynamic_dims = {input_names.index(k) if k in input_names else k: v
+                        for k, v in dynamic_dims.items()}
     cap = capture(model_or_fn, example_inputs, dynamic_dims, who="kiln.onnx.export")
     prefix = "model." if _is_module(model_or_fn) else ""
     model = build_model(onnx, cap, opset, input_names, output_names, weight_prefix=prefix)

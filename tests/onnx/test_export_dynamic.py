@@ -143,3 +143,10 @@ def test_export_into_a_missing_directory_names_it(tmp_path, export):
     fn = {"kiln": kiln.export, "onnx": kiln.onnx.export}[export]
     with pytest.raises(FileNotFoundError, match="directory .*nope.* does not exist"):
         fn(kiln.nn.Linear(3, 2), (kiln.randn(2, 3),), tmp_path / "nope" / "m.bin")
+
+
+def test_dynamic_dims_may_use_the_new_input_names(tmp_path):
+    m = kiln.onnx.export(kiln.nn.Linear(3, 2), (kiln.randn(2, 3),), tmp_path / "m.onnx",
+                         input_names=["img"], dynamic_dims={"img": {0: "batch"}})
+    assert m.graph.input[0].name == "img"
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
