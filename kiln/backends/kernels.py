@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from kiln.graph.ir import Node
+from kiln.ops.conv import _conv2d_into
 from kiln.ops.reduce import _BLAS_FLOATS, _count, _ones
 
 # As in eager mode (kiln/ops/elementwise.py): inf and nan results are silent, as in PyTorch.
@@ -361,6 +362,21 @@ def _k_sum(out, x, axes, keepdims):
         return out
     np.add.reduce(x, axis=axes, dtype=x.dtype, keepdims=keepdims, out=out)
     return out
+
+
+def _conv2d_ok(n: Node) -> bool:
+    return (n.dtype in _BLAS_FLOATS and all(i.dtype == n.dtype for i in n.inputs)
+            and len(n.shape) == 4)
+
+
+@_kernel("conv2d", _conv2d_ok, unsafe=_Every())
+def _k_conv2d(out, x, w, *bias, stride, padding, dilation, groups):
+    # the impl is this same function on np.empty: chunked im2col, each chunk's gemm result
+    # copied (NCHW) straight into out, so a planned buffer saves the output's allocation
+    return _conv2d_into(out, x, w, bias[0] if bias else None, stride, padding, dilation, groups)
+
+
+FRESH.add("conv2d")
 
 
 def kernel_accepts(node: Node) -> bool:

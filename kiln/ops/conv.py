@@ -132,13 +132,42 @@ def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
     return cols
 
 
+def _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo):
+    """``_cols_rows`` gathered into the first kh*kw*C columns of ``cols`` (N*Ho*Wo, >= K)."""
+    N, C = x.shape[:2]
+    xp = _nhwc_padded(x, pads)
+    s0, s1, s2, s3 = xp.strides
+    win = as_strided(xp, (N, Ho, Wo, kh, kw, C),
+                     (s0, s1 * stride[0], s2 * stride[1], s1 * dilation[0], s2 * dilation[1], s3),
+                     writeable=False)
+    it, r = cols.itemsize, cols.strides[0]
+    np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
+              win)
+
+
+def _cols_planes_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
+    """``_cols_planes`` gathered into the first C/G*kh*kw rows of each group of ``cols``
+    (N, G, >= K, Ho*Wo), contiguous."""
+    N, C = x.shape[:2]
+    xp = _pad_hw(x, pads)
+    s0, s1, s2, s3 = xp.strides
+    cg = C // groups
+    win = as_strided(xp, (N, groups, cg, kh, kw, Ho, Wo),
+                     (s0, s1 * cg, s1, s2 * dilation[0], s3 * dilation[1], s2 * stride[0],
+                      s3 * stride[1]), writeable=False)
+    it, P = cols.itemsize, Ho * Wo
+    a, g = cols.strides[:2]
+    np.copyto(as_strided(cols, win.shape, (a, g, kh * kw * P * it, kw * P * it, P * it, Wo * it,
+                                           it)), win)
+
+
 def _row_unfold(Ho: int, kh: int, d0: int) -> bool:
     """Whether ``_corr_rows`` pays: its gemm also computes the d0*(kh-1) rows of each image's
     padding border, at most doubling the work."""
     return d0 * (kh - 1) <= Ho
 
 
-def _corr_rows(x, wk, pads, s1, dilation, bias=None):
+def _corr_rows(x, wk, pads, s1, dilation, bias=None, out=None):
     """Stride-1-in-H correlation of NCHW ``x`` with OIHW ``wk`` (groups 1), returned NCHW.
 
     Unfolds only along W: U (N*Hp*Wo, kw*C), gathered from an NHWC copy in runs of kw*C, is
@@ -157,14 +186,17 @@ def _corr_rows(x, wk, pads, s1, dilation, bias=None):
     np.copyto(U, as_strided(xp, U.shape, (a, b, c * s1, c * d1, e), writeable=False))
     Y = (U.reshape(N * Hp * Wo, kw * C) @ wk.transpose(3, 1, 2, 0).reshape(kw * C, kh * O))
     Y = Y.reshape(N, Hp, Wo, kh, O)
-    out = np.empty((N, Ho, Wo, O), Y.dtype)
+    acc = np.empty((N, Ho, Wo, O), Y.dtype)
     if bias is None:
-        np.copyto(out, Y[:, 0:Ho, :, 0])
+        np.copyto(acc, Y[:, 0:Ho, :, 0])
     else:
-        np.add(Y[:, 0:Ho, :, 0], bias, out=out)
+        np.add(Y[:, 0:Ho, :, 0], bias, out=acc)
     for i in range(1, kh):
-        out += Y[:, i * d0:i * d0 + Ho, :, i]
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+        acc += Y[:, i * d0:i * d0 + Ho, :, i]
+    if out is None:
+        return np.ascontiguousarray(acc.transpose(0, 3, 1, 2))
+    np.copyto(out, acc.transpose(0, 3, 1, 2))
+    return out
 
 
 def _out_len(L, k, s, p0, p1, d) -> int:
@@ -181,6 +213,90 @@ def _exact_pads(pads, H, W, Ho, Wo, kh, kw, stride, dilation) -> tuple:
 
 # -- the three convolution primitives ------------------------------------------------------------
 
+# Large batches are convolved a few images at a time.  The column matrices of a whole batch
+# of 256 (57M elements for the cnn's second layer, with its product) fall out of the caches
+# between the gather and the gemm and page-fault in again as fresh temporaries at every call
+# (see the FRESH_INPUT_OPS comment in kiln/graph/passes/memory.py).  Chunks of about
+# _CHUNK_ELEMS elements (4 MB of float32) for the channels-last paths, whose gemms are
+# compute-bound, and _PLANES_CHUNK (1 MB) for the per-sample path, whose few-channel gemm
+# (K = 25 for a first layer) streams its operand once and runs best from L2: at batch 256 the
+# cnn's conv2 forward takes 0.7x the time, its input gradient 0.6x, conv1 0.75x.  Below
+# _WHOLE_BATCH (_PLANES_WHOLE) elements the batch stays one chunk: at batch 64 chunking alone
+# was ~10% faster per call but made the compiled cnn step slower, its smaller temporaries
+# lowering glibc's dynamic mmap/trim thresholds (~1,700 page faults a step in
+# conv2d_weight's 20 MB im2col, which stays unchunked).  Gemm rows are independent: chunked
+# results equal unchunked ones bitwise for the cnn's shapes.
+_CHUNK_ELEMS = 1 << 20
+_PLANES_CHUNK = 1 << 18
+_WHOLE_BATCH = 1 << 24
+_PLANES_WHOLE = 1 << 21
+
+
+def _step(per_image: int, N: int, chunk: int, whole: int = _WHOLE_BATCH) -> int:
+    """Images per chunk: the whole batch while its temporaries stay under ``whole`` elements,
+    else about ``chunk`` elements' worth."""
+    if per_image * N <= whole:
+        return max(N, 1)
+    return max(1, chunk // max(1, per_image))
+
+
+def _conv2d_into(out, x, w, b, stride, padding, dilation, groups):
+    """conv2d of NCHW ``x`` with OIHW ``w`` (and bias ``b`` or None) written into ``out``
+    (N, O, Ho, Wo), which must not share memory with the inputs."""
+    N, C, H, W = x.shape
+    O, cg, kh, kw = w.shape
+    Ho, Wo = out.shape[2:]
+    P = Ho * Wo
+    if out.size == 0:
+        return out
+    if not out.flags.c_contiguous:
+        tmp = np.empty(out.shape, out.dtype)
+        np.copyto(out, _conv2d_into(tmp, x, w, b, stride, padding, dilation, groups))
+        return out
+    one = b is not None
+    if _rows_layout(C, kw, Wo, groups):
+        K = kh * kw * C
+        if stride[0] == 1 and _row_unfold(Ho, kh, dilation[0]):
+            Hp = H + padding[0] + padding[1]
+            step = _step(Hp * Wo * kw * (C + kh * O), N, _CHUNK_ELEMS)
+            for s in range(0, N, step):
+                _corr_rows(x[s:s + step], w, padding, stride[1], dilation, b, out[s:s + step])
+            return out
+        step = _step(P * (K + one), N, _CHUNK_ELEMS)
+        w2 = np.empty((O, K + one), w.dtype)  # the bias rides along as a column of the weight
+        w2[:, :K] = w.transpose(0, 2, 3, 1).reshape(O, K)
+        if one:
+            w2[:, K] = b
+        step = min(step, N)
+        cols = np.empty((step * P, K + one), x.dtype)
+        if one:
+            cols[:, K] = 1
+        y = np.empty((step * P, O), out.dtype)
+        for s in range(0, N, step):
+            n = min(N - s, step)
+            _cols_rows_into(cols[:n * P], x[s:s + n], kh, kw, stride, padding, dilation, Ho, Wo)
+            np.matmul(cols[:n * P], w2.T, out=y[:n * P])
+            np.copyto(out[s:s + n], y[:n * P].reshape(n, Ho, Wo, O).transpose(0, 3, 1, 2))
+        return out
+    K = cg * kh * kw
+    step = min(N, _step(groups * P * (K + one), N, _PLANES_CHUNK, _PLANES_WHOLE))
+    og = O // groups
+    w2 = np.empty((groups, og, K + one), w.dtype)
+    w2[:, :, :K] = w.reshape(groups, og, K)
+    if one:
+        w2[:, :, K] = b.reshape(groups, og)
+    cols = np.empty((step, groups, K + one, P), x.dtype)
+    if one:
+        cols[:, :, K] = 1
+    o = out.reshape(N, groups, og, P)
+    for s in range(0, N, step):
+        n = min(N - s, step)
+        _cols_planes_into(cols[:n], x[s:s + n], kh, kw, stride, padding, dilation, Ho, Wo,
+                          groups)
+        np.matmul(w2, cols[:n], out=o[s:s + n])
+    return out
+
+
 @primitive("conv2d", traits={"linalg"}, save=(0, 1))
 def _conv2d(x, w, *bias, stride, padding, dilation, groups):
     N, C, H, W = x.shape
@@ -188,22 +304,8 @@ def _conv2d(x, w, *bias, stride, padding, dilation, groups):
     pt, pb, pl, pr = padding
     Ho = _out_len(H, kh, stride[0], pt, pb, dilation[0])
     Wo = _out_len(W, kw, stride[1], pl, pr, dilation[1])
-    b = bias[0] if bias else None
-    if _rows_layout(C, kw, Wo, groups) and stride[0] == 1 and _row_unfold(Ho, kh, dilation[0]):
-        return _corr_rows(x, w, padding, stride[1], dilation, b)
-    if _rows_layout(C, kw, Wo, groups):
-        cols = _cols_rows(x, kh, kw, stride, padding, dilation, Ho, Wo, ones=b is not None)
-        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-        if b is not None:
-            w2 = np.concatenate([w2, b.reshape(O, 1)], axis=1)
-        y = cols @ w2.T
-        return np.ascontiguousarray(y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
-    cols = _cols_planes(x, kh, kw, stride, padding, dilation, Ho, Wo, groups,
-                        ones=b is not None)
-    w2 = w.reshape(groups, O // groups, cg * kh * kw)
-    if b is not None:
-        w2 = np.concatenate([w2, b.reshape(groups, O // groups, 1)], axis=2)
-    return np.matmul(w2, cols).reshape(N, O, Ho, Wo)
+    out = np.empty((N, O, Ho, Wo), np.result_type(x, w))
+    return _conv2d_into(out, x, w, bias[0] if bias else None, stride, padding, dilation, groups)
 
 
 @_conv2d.def_infer
@@ -251,8 +353,13 @@ def _conv_transpose2d(g, w, stride, padding, dilation, groups):
     if (_rows_layout(C, kw, Wo, groups) and stride == (1, 1)
             and _row_unfold(Hf - pt - pb, kh, d0)):
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-        return _corr_rows(g, flipped, (d0 * (kh - 1) - pt, d0 * (kh - 1) - pb,
-                                       d1 * (kw - 1) - pl, d1 * (kw - 1) - pr), 1, dilation)
+        pads = (d0 * (kh - 1) - pt, d0 * (kh - 1) - pb, d1 * (kw - 1) - pl, d1 * (kw - 1) - pr)
+        H, W = Hf - pt - pb, Wf - pl - pr
+        out = np.empty((N, C, H, W), g.dtype)
+        step = _step((Ho + pads[0] + pads[1]) * W * kw * (O + kh * C), N, _CHUNK_ELEMS)
+        for s in range(0, N, step):
+            _corr_rows(g[s:s + step], flipped, pads, 1, dilation, out=out[s:s + step])
+        return out
     if _rows_layout(C, kw, Wo, groups):
         g2 = g.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)
         dc = (g2 @ w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)).reshape(N, Ho, Wo, kh, kw, C)

@@ -176,6 +176,23 @@ def _cases():
             cases.append(("sum", [rand(shape, dt, 1, False)], {"axes": axes,
                                                                 "keepdims": keep}))
         cases.append(("sum", [rand((6, 4), dt, 1, False).T], {"axes": (1,), "keepdims": False}))
+        # conv2d: the cnn's two layers (planes and rows im2col), several chunks of a batch,
+        # no bias, strided / dilated / grouped
+        geo = {"stride": (1, 1), "padding": (2, 2, 2, 2), "dilation": (1, 1), "groups": 1}
+        for sx, sw, bias, attrs in (((3, 1, 28, 28), (16, 1, 5, 5), True, geo),
+                                    ((60, 1, 28, 28), (16, 1, 5, 5), True, geo),
+                                    ((40, 16, 14, 14), (32, 16, 5, 5), True, geo),
+                                    ((2, 16, 14, 14), (32, 16, 5, 5), False, geo),
+                                    ((2, 8, 11, 9), (6, 4, 3, 3), True,
+                                     {"stride": (2, 1), "padding": (1, 0, 1, 1),
+                                      "dilation": (1, 2), "groups": 2}),
+                                    ((2, 8, 11, 9), (6, 8, 3, 3), False,
+                                     {"stride": (2, 2), "padding": (1, 1, 0, 0),
+                                      "dilation": (2, 1), "groups": 1})):
+            arrays = [rand(sx, dt, 1, False), rand(sw, dt, 2, False)]
+            if bias:
+                arrays.append(rand(sw[:1], dt, 3, False))
+            cases.append(("conv2d", arrays, attrs))
     return cases
 
 

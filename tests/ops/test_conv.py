@@ -480,3 +480,32 @@ def test_dropout_edge_cases():
                     match="dropout probability has to be between 0 and 1, but got 1.5")
     check_exception(lambda lib: F(lib).dropout(lib.tensor(x), -0.1), match="between 0 and 1")
     mark_checked("dropout_mask")
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,attrs", [
+    (1, 16, 28, 5, {"stride": (1, 1), "padding": (2, 2, 2, 2), "dilation": (1, 1), "groups": 1}),
+    (16, 32, 14, 5, {"stride": (1, 1), "padding": (2, 2, 2, 2), "dilation": (1, 1), "groups": 1}),
+    (16, 8, 13, 3, {"stride": (2, 2), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1}),
+    (8, 6, 11, 3, {"stride": (2, 1), "padding": (1, 0, 1, 1), "dilation": (1, 2), "groups": 2}),
+])
+def test_conv_chunked_over_the_batch_equals_one_chunk(monkeypatch, cin, cout, hw, k, attrs):
+    """Large batches run a few images at a time (conv2d and the stride-1 conv_transpose2d);
+    forcing chunks of one or two images gives the whole-batch results bitwise."""
+    x = rand(7, cin, hw, hw)
+    w = rand(cout, cin // attrs["groups"], k, k, seed=1)
+    b = rand(cout, seed=2)
+    whole = conv_mod._conv2d.impl(x, w, b, **attrs)
+    whole_nb = conv_mod._conv2d.impl(x, w, **attrs)
+    g = rand(*whole.shape, seed=3)
+    t_attrs = dict(attrs, padding=conv_mod._exact_pads(attrs["padding"], hw, hw,
+                                                       *whole.shape[2:], k, k, attrs["stride"],
+                                                       attrs["dilation"]))
+    whole_t = conv_mod._conv_transpose2d.impl(g, w, **t_attrs)
+    for chunk in (1, 2 * whole[0].size * k * k):
+        monkeypatch.setattr(conv_mod, "_WHOLE_BATCH", 0)
+        monkeypatch.setattr(conv_mod, "_PLANES_WHOLE", 0)
+        monkeypatch.setattr(conv_mod, "_CHUNK_ELEMS", chunk)
+        monkeypatch.setattr(conv_mod, "_PLANES_CHUNK", chunk)
+        np.testing.assert_array_equal(conv_mod._conv2d.impl(x, w, b, **attrs), whole)
+        np.testing.assert_array_equal(conv_mod._conv2d.impl(x, w, **attrs), whole_nb)
+        np.testing.assert_array_equal(conv_mod._conv_transpose2d.impl(g, w, **t_attrs), whole_t)
