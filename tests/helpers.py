@@ -364,3 +364,36 @@ def workload_forward(name: str):
 
     p = {k: kiln.tensor(v) for k, v in W.params(name).items()}
     return (lambda x: W.FORWARD[name](kiln, p, x)), W
+
+
+def flat_arrays(obj) -> list:
+    """The NumPy arrays of a tensor or a nested tuple/list of tensors (None skipped)."""
+    if isinstance(obj, kiln.Tensor):
+        return [obj.numpy()]
+    if obj is None:
+        return []
+    return [a for x in obj for a in flat_arrays(x)]
+
+
+def assert_close_scaled(got, want, rtol: float = 1e-5) -> None:
+    """Same shape and dtype, max abs difference <= rtol * max(1, max |want|)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = rtol * max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def example_module(name: str):
+    """examples/<name>.py imported as a module (once per process)."""
+    import importlib.util
+    import os
+    import sys
+
+    key = f"_kiln_example_{name}"
+    if key not in sys.modules:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(key, os.path.join(root, "examples",
+                                                                        f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]

@@ -111,15 +111,22 @@ def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo, ones=False):
     return cols
 
 
-def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
-    """im2col, per sample and group: (N, G, C/G*kh*kw, Ho*Wo), plus a row of ones."""
+def _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
+    """The (N, G, C/G, kh, kw, Ho, Wo) read-only view of the padded input's windows."""
     N, C = x.shape[:2]
     xp = _pad_hw(x, pads)
     s0, s1, s2, s3 = xp.strides
     cg = C // groups
-    win = as_strided(xp, (N, groups, cg, kh, kw, Ho, Wo),
-                     (s0, s1 * cg, s1, s2 * dilation[0], s3 * dilation[1], s2 * stride[0],
-                      s3 * stride[1]), writeable=False)
+    return as_strided(xp, (N, groups, cg, kh, kw, Ho, Wo),
+                      (s0, s1 * cg, s1, s2 * dilation[0], s3 * dilation[1], s2 * stride[0],
+                       s3 * stride[1]), writeable=False)
+
+
+def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
+    """im2col, per sample and group: (N, G, C/G*kh*kw, Ho*Wo), plus a row of ones."""
+    N, C = x.shape[:2]
+    cg = C // groups
+    win = _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups)
     K = cg * kh * kw
     if not ones:
         return win.reshape(N, groups, K, Ho * Wo)
@@ -148,13 +155,7 @@ def _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo):
 def _cols_planes_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
     """``_cols_planes`` gathered into the first C/G*kh*kw rows of each group of ``cols``
     (N, G, >= K, Ho*Wo), contiguous."""
-    N, C = x.shape[:2]
-    xp = _pad_hw(x, pads)
-    s0, s1, s2, s3 = xp.strides
-    cg = C // groups
-    win = as_strided(xp, (N, groups, cg, kh, kw, Ho, Wo),
-                     (s0, s1 * cg, s1, s2 * dilation[0], s3 * dilation[1], s2 * stride[0],
-                      s3 * stride[1]), writeable=False)
+    win = _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups)
     it, P = cols.itemsize, Ho * Wo
     a, g = cols.strides[:2]
     np.copyto(as_strided(cols, win.shape, (a, g, kh * kw * P * it, kw * P * it, P * it, Wo * it,

@@ -3,9 +3,6 @@ shape follows the batch) and GPTs (a causal mask cached on the first call).  The
 at two batch sizes other than the traced ones in kiln.load_exported and is compared with eager
 Kiln: max abs diff <= 1e-5 * max(1, max|out|)."""
 
-import importlib.util
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,24 +11,8 @@ import kiln
 from kiln import nn
 from kiln.export import export, load_exported
 from kiln.nn import attention
-from tests.helpers import workload_forward
+from tests.helpers import assert_close_scaled, example_module, flat_arrays, workload_forward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
-RTOL = 1e-5
-
-
-def _flat(obj):
-    if isinstance(obj, kiln.Tensor):
-        return [obj.numpy()]
-    if obj is None:
-        return []
-    return [a for x in obj for a in _flat(x)]
-
-
-def _close(got, want):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    tol = RTOL * max(1.0, float(np.max(np.abs(want), initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
 def _check(model, example, inputs, tmp_path, dim="batch"):
@@ -40,11 +21,11 @@ def _check(model, example, inputs, tmp_path, dim="batch"):
     prog = load_exported(path)
     for x in inputs:
         with kiln.no_grad():
-            want = _flat(model(x))
-        got = _flat(prog(x))
+            want = flat_arrays(model(x))
+        got = flat_arrays(prog(x))
         assert len(got) == len(want)
         for g, w in zip(got, want):
-            _close(g, w)
+            assert_close_scaled(g, w)
     return prog
 
 
@@ -91,20 +72,8 @@ def test_gpt_workload_dynamic_batch(tmp_path, mask_cached):
     assert [spec.shape for spec in prog.input_specs] == [("batch", tok.shape[1])]
 
 
-def _char_gpt():
-    key = "_kiln_example_char_gpt"
-    mod = sys.modules.get(key)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "examples",
-                                                                         "char_gpt.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
 def test_char_gpt_dynamic_batch(tmp_path):
-    mod = _char_gpt()
+    mod = example_module("char_gpt")
     cfg = mod.GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32)
     model = mod.GPT(cfg).eval()
     rng = np.random.default_rng(0)

@@ -4,9 +4,6 @@ mask cached on the first call, exported as an initializer).  ONNX Runtime runs t
 batch sizes other than the traced ones; oracle: eager Kiln, max abs diff <= 1e-5 * max(1,
 max|out|)."""
 
-import importlib.util
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -19,24 +16,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from kiln.onnx import export  # noqa: E402
-from tests.helpers import workload_forward  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close_scaled, example_module, flat_arrays, workload_forward)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
-RTOL = 1e-5
-
-
-def _flat(obj):
-    if isinstance(obj, kiln.Tensor):
-        return [obj.numpy()]
-    if obj is None:
-        return []
-    return [a for x in obj for a in _flat(x)]
-
-
-def _close(got, want):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    tol = RTOL * max(1.0, float(np.max(np.abs(want), initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
 def _check(model, example, inputs, tmp_path):
@@ -50,11 +32,11 @@ def _check(model, example, inputs, tmp_path):
     name = sess.get_inputs()[0].name
     for x in inputs:
         with kiln.no_grad():
-            want = _flat(model(kiln.tensor(x)))
+            want = flat_arrays(model(kiln.tensor(x)))
         got = sess.run(None, {name: x})
         assert len(got) == len(want)
         for g, w in zip(got, want):
-            _close(g, w)
+            assert_close_scaled(g, w)
     return proto
 
 
@@ -95,14 +77,7 @@ def test_gpt_workload_dynamic_batch(tmp_path):
 
 
 def test_char_gpt_dynamic_batch(tmp_path):
-    key = "_kiln_example_char_gpt"
-    mod = sys.modules.get(key)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "examples",
-                                                                         "char_gpt.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
+    mod = example_module("char_gpt")
     cfg = mod.GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32)
     model = mod.GPT(cfg).eval()
     rng = np.random.default_rng(0)
