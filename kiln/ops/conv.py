@@ -90,23 +90,25 @@ def _nhwc_padded(x, pads):
     return xp
 
 
+def _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo):
+    """The (N, Ho, Wo, kh, kw, C) read-only view of the padded channels-last input's windows."""
+    N, C = x.shape[:2]
+    xp = _nhwc_padded(x, pads)
+    s0, s1, s2, s3 = xp.strides
+    return as_strided(xp, (N, Ho, Wo, kh, kw, C),
+                      (s0, s1 * stride[0], s2 * stride[1], s1 * dilation[0], s2 * dilation[1],
+                       s3), writeable=False)
+
+
 def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo, ones=False):
     """im2col, channels last: (N*Ho*Wo, kh*kw*C), plus a column of ones with ``ones`` (the
     bias then rides along in the gemm instead of costing a pass over the output)."""
     N, C = x.shape[:2]
-    xp = _nhwc_padded(x, pads)
-    s0, s1, s2, s3 = xp.strides
-    win = as_strided(xp, (N, Ho, Wo, kh, kw, C),
-                     (s0, s1 * stride[0], s2 * stride[1], s1 * dilation[0], s2 * dilation[1], s3),
-                     writeable=False)
     K = kh * kw * C
     if not ones:
-        return win.reshape(N * Ho * Wo, K)
+        return _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo).reshape(N * Ho * Wo, K)
     cols = np.empty((N * Ho * Wo, K + 1), x.dtype)
-    it = cols.itemsize
-    r = (K + 1) * it  # the gather writes straight into the first K columns
-    np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
-              win)
+    _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo)
     cols[:, K] = 1
     return cols
 
@@ -125,28 +127,20 @@ def _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups):
 def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
     """im2col, per sample and group: (N, G, C/G*kh*kw, Ho*Wo), plus a row of ones."""
     N, C = x.shape[:2]
-    cg = C // groups
-    win = _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups)
-    K = cg * kh * kw
+    K = C // groups * kh * kw
     if not ones:
+        win = _plane_windows(x, kh, kw, stride, pads, dilation, Ho, Wo, groups)
         return win.reshape(N, groups, K, Ho * Wo)
     cols = np.empty((N, groups, K + 1, Ho * Wo), x.dtype)
-    it, P = cols.itemsize, Ho * Wo
-    np.copyto(as_strided(cols, win.shape, (groups * (K + 1) * P * it, (K + 1) * P * it,
-                                           kh * kw * P * it, kw * P * it, P * it, Wo * it, it)),
-              win)
+    _cols_planes_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo, groups)
     cols[:, :, K] = 1
     return cols
 
 
 def _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo):
     """``_cols_rows`` gathered into the first kh*kw*C columns of ``cols`` (N*Ho*Wo, >= K)."""
-    N, C = x.shape[:2]
-    xp = _nhwc_padded(x, pads)
-    s0, s1, s2, s3 = xp.strides
-    win = as_strided(xp, (N, Ho, Wo, kh, kw, C),
-                     (s0, s1 * stride[0], s2 * stride[1], s1 * dilation[0], s2 * dilation[1], s3),
-                     writeable=False)
+    C = x.shape[1]
+    win = _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo)
     it, r = cols.itemsize, cols.strides[0]
     np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
               win)
