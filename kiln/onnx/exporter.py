@@ -29,7 +29,8 @@ def export(model_or_fn, example_inputs, path, *, opset=None, dynamic_dims=None,
 
     ``dynamic_dims`` (``{"x": {0: "batch"}}``) makes dimension 0 of those inputs a named
     dynamic dimension; ``input_names``/``output_names`` rename the graph's inputs (tensor
-    arguments, in order) and outputs (``dynamic_dims`` may use the new input names).  Returns the ``onnx.ModelProto`` that was written.
+    arguments, in order) and outputs (``dynamic_dims`` may use the new input names).  Returns
+    the ``onnx.ModelProto`` that was written.
     """
     from kiln.export.trace import capture
 

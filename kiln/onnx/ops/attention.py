@@ -13,7 +13,8 @@ import numpy as np
 import kiln
 import kiln.nn.functional as F
 from kiln.onnx.ops import onnx_op
-from kiln.onnx.ops.nn import _err, _s, _t
+from kiln.onnx.ops._common import T
+from kiln.onnx.ops.nn import _err, _s
 
 
 def _heads(x, n_heads):
@@ -41,7 +42,7 @@ def _static_bias(q_len, kv_len, causal, left, right, offset):
 
 def _mask_bias(ctx, mask, kv_len, dtype):
     """An attention mask input as an additive float bias, padded to ``kv_len`` keys."""
-    mask = _t(mask)
+    mask = T(mask)
     pad = kv_len - mask.shape[-1]
     if mask.dtype == kiln.bool:
         if pad > 0:
@@ -57,7 +58,7 @@ def _mask_bias(ctx, mask, kv_len, dtype):
 @onnx_op("Attention")
 def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
               nonpad_kv_seqlen=None):
-    q, k, v, past_key, past_value = _t(q), _t(k), _t(v), _t(past_key), _t(past_value)
+    q, k, v, past_key, past_value = T(q), T(k), T(v), T(past_key), T(past_value)
     rank = q.ndim
     if rank == 3:
         q = _heads(q, ctx.attr("q_num_heads"))
@@ -91,7 +92,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
         pad = np.where(np.arange(kv_len) < lens[:, None], 0.0, -np.inf)
         static = static + pad.reshape(-1, 1, 1, kv_len)
     dtype = q.dtype
-    bias = _t(static.astype(dtype.np))
+    bias = T(static.astype(dtype.np))
     if attn_mask is not None:
         bias = _mask_bias(ctx, attn_mask, kv_len, dtype) + bias
 
@@ -122,7 +123,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
 
 @onnx_op("RotaryEmbedding")
 def rotary_embedding(ctx, x, cos, sin, position_ids=None):
-    x, cos, sin = _t(x), _t(cos), _t(sin)
+    x, cos, sin = T(x), T(cos), T(sin)
     shape = tuple(x.shape)
     if x.ndim == 4:  # (B, heads, S, D) -> (B, S, heads, D)
         x = x.permute(0, 2, 1, 3)
@@ -133,7 +134,7 @@ def rotary_embedding(ctx, x, cos, sin, position_ids=None):
         x = x.reshape(shape[0], shape[1], heads, shape[2] // heads)
     dim = ctx.attr("rotary_embedding_dim", 0) or x.shape[3]
     if position_ids is not None:
-        pos = _t(position_ids).to(kiln.int64)
+        pos = T(position_ids).to(kiln.int64)
         cos = kiln.index_select(cos, 0, pos.reshape(-1)).reshape(*pos.shape, -1)
         sin = kiln.index_select(sin, 0, pos.reshape(-1)).reshape(*pos.shape, -1)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, dim / 2)
@@ -170,7 +171,7 @@ def linear_attention(ctx, q, k, v, past=None, decay=None, beta=None):
     if gating != (decay is not None) or delta != (beta is not None):
         raise _err(ctx, f"update_rule {rule!r} does not match the decay / beta inputs given")
     hq, hkv = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
-    q, k, v, past, decay, beta = (_t(a) for a in (q, k, v, past, decay, beta))
+    q, k, v, past, decay, beta = (T(a) for a in (q, k, v, past, decay, beta))
     out_dtype = q.dtype
     state_dtype = out_dtype if past is None else past.dtype
     f32 = kiln.float32

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import kiln
 from kiln.onnx.ops import onnx_op
-from kiln.onnx.ops.nn import _err, _s, _t
+from kiln.onnx.ops._common import T
+from kiln.onnx.ops.nn import _err, _s
 
 
 def _nll(ctx, logp, target, weight):
     """ONNX's NLL: logp (N, C, d...), target (N, d...) class indices, optional weight (C)."""
-    target = _t(target).to(kiln.int64)
-    weight = _t(weight)
+    target = T(target).to(kiln.int64)
+    weight = T(weight)
     reduction = _s(ctx.attr("reduction", "mean"))
     if reduction not in ("none", "sum", "mean"):
         raise _err(ctx, f"reduction={reduction!r} is not valid")
@@ -36,11 +37,11 @@ def _nll(ctx, logp, target, weight):
 
 @onnx_op("NegativeLogLikelihoodLoss")
 def nll_loss(ctx, x, target, weight=None):
-    return _nll(ctx, _t(x), target, weight)
+    return _nll(ctx, T(x), target, weight)
 
 
 @onnx_op("SoftmaxCrossEntropyLoss")
 def softmax_cross_entropy_loss(ctx, scores, labels, weights=None):
-    logp = kiln.log_softmax(_t(scores), 1)
+    logp = kiln.log_softmax(T(scores), 1)
     loss = _nll(ctx, logp, labels, weights)
     return (loss, logp)[:ctx.n_outputs]

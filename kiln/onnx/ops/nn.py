@@ -14,16 +14,10 @@ import numpy as np
 import kiln
 import kiln.nn.functional as F
 from kiln.onnx.ops import onnx_op
+from kiln.onnx.ops._common import T
 from kiln.tensor import Tensor
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _t(x):
-    """A static (NumPy) input as a Kiln tensor; tensors and None pass through."""
-    if x is None or isinstance(x, Tensor):
-        return x
-    return kiln.from_numpy(np.ascontiguousarray(x))
 
 
 def _s(v) -> str:
@@ -95,12 +89,12 @@ def _windows(x: Tensor, kernel, strides, dil, out):
 
 @onnx_op("MatMul")
 def matmul(ctx, a, b):
-    return kiln.matmul(_t(a), _t(b))
+    return kiln.matmul(T(a), T(b))
 
 
 @onnx_op("Gemm")
 def gemm(ctx, a, b, c=None):
-    a, b, c = _t(a), _t(b), _t(c)
+    a, b, c = T(a), T(b), T(c)
     alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
     ta, tb = ctx.attr("transA", 0), ctx.attr("transB", 0)
     if (not ta and tb and alpha == 1.0 and (c is None or beta == 1.0 and c.ndim == 1
@@ -116,7 +110,7 @@ def gemm(ctx, a, b, c=None):
 
 @onnx_op("Einsum")
 def einsum(ctx, *xs):
-    return kiln.einsum(_s(ctx.attr("equation")).replace(" ", ""), *[_t(x) for x in xs])
+    return kiln.einsum(_s(ctx.attr("equation")).replace(" ", ""), *[T(x) for x in xs])
 
 
 # -- convolution -------------------------------------------------------------------------------
@@ -138,7 +132,7 @@ def _conv3d(x, w, stride, dil, groups):
 
 @onnx_op("Conv")
 def conv(ctx, x, w, b=None):
-    x, w, b = _t(x), _t(w), _t(b)
+    x, w, b = T(x), T(w), T(b)
     nd = w.ndim - 2
     groups = ctx.attr("group", 1)
     strides, dil, begin, end, _ = _spatial(ctx, tuple(x.shape), tuple(w.shape[2:]), False)
@@ -176,7 +170,7 @@ def _conv_transpose3d(x, w, stride, dil, groups):
 
 @onnx_op("ConvTranspose")
 def conv_transpose(ctx, x, w, b=None):
-    x, w, b = _t(x), _t(w), _t(b)
+    x, w, b = T(x), T(w), T(b)
     nd = w.ndim - 2
     if nd not in (1, 2, 3):
         raise _err(ctx, f"{nd}-D transposed convolution is not supported (1-D to 3-D are)")
@@ -213,7 +207,7 @@ def conv_transpose(ctx, x, w, b=None):
 @onnx_op("CausalConvWithState")
 def causal_conv_with_state(ctx, x, w, b=None, past=None):
     """Depthwise causal 1-D convolution over [past_state, x]; returns (y, present_state)."""
-    x, w, b, past = _t(x), _t(w), _t(b), _t(past)
+    x, w, b, past = T(x), T(w), T(b), T(past)
     act = _s(ctx.attr("activation", "none"))
     if act not in ("none", "silu", "swish"):
         raise _err(ctx, f"activation {act!r} is not supported")
@@ -244,7 +238,7 @@ def _spread(z: Tensor, axis: int, stride: int, offset: int, total: int) -> Tenso
 @onnx_op("Col2Im")
 def col2im(ctx, x, image_shape, block_shape):
     """Sum sliding blocks (N, C * prod(block), L) back into images (N, C, *image_shape)."""
-    x = _t(x)
+    x = T(x)
     image = [int(v) for v in np.asarray(ctx.static(1)).reshape(-1)]
     block = [int(v) for v in np.asarray(ctx.static(2)).reshape(-1)]
     nd = len(image)
@@ -309,7 +303,7 @@ def _max_indices(ctx, x, kernel, strides, dil, begin, ext, out):
 
 @onnx_op("MaxPool")
 def max_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     kernel, strides, dil, begin, end, ext, out = _pool_setup(ctx, x)
     if ctx.n_outputs > 1:
         return _max_indices(ctx, x, kernel, strides, dil, begin, ext, out)
@@ -327,7 +321,7 @@ def max_pool(ctx, x):
 
 @onnx_op("MaxUnpool")
 def max_unpool(ctx, x, indices, output_shape=None):
-    x, indices = _t(x), _t(indices).to(kiln.int64)
+    x, indices = T(x), T(indices).to(kiln.int64)
     kernel = list(ctx.attr("kernel_shape"))
     nd = len(kernel)
     strides = list(ctx.attr("strides") or [1] * nd)
@@ -366,7 +360,7 @@ def _window_sum(x, kernel, strides, dil, begin, ext, out, fn=None):
 
 @onnx_op("AveragePool")
 def average_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     kernel, strides, dil, begin, end, ext, out = _pool_setup(ctx, x)
     include = bool(ctx.attr("count_include_pad", 0))
     if _native_ok(x, kernel, dil, begin, end) and all(d == 1 for d in dil):
@@ -376,12 +370,12 @@ def average_pool(ctx, x):
             return y
     div = _divisor(x.shape[2:], kernel, strides, dil, begin, end, out, include)
     y = _window_sum(x, kernel, strides, dil, begin, ext, out)
-    return y * _t((1.0 / div).astype(y.dtype.np))
+    return y * T((1.0 / div).astype(y.dtype.np))
 
 
 @onnx_op("LpPool")
 def lp_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     p = ctx.attr("p", 2)
     kernel, strides, dil, begin, end, ext, out = _pool_setup(ctx, x)
     s = _window_sum(x, kernel, strides, dil, begin, ext, out, fn=lambda v: kiln.abs(v) ** p)
@@ -390,19 +384,19 @@ def lp_pool(ctx, x):
 
 @onnx_op("GlobalAveragePool")
 def global_average_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     return kiln.mean(x, dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
 @onnx_op("GlobalMaxPool")
 def global_max_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     return kiln.amax(x, dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
 @onnx_op("GlobalLpPool")
 def global_lp_pool(ctx, x):
-    x = _t(x)
+    x = T(x)
     p = ctx.attr("p", 2)
     return kiln.sum(kiln.abs(x) ** p, dim=tuple(range(2, x.ndim)), keepdim=True) ** (1.0 / p)
 
@@ -415,7 +409,7 @@ def _channel_shape(x: Tensor) -> tuple:
 
 @onnx_op("BatchNormalization")
 def batch_norm(ctx, x, scale, bias, mean, var):
-    x, scale, bias, mean, var = _t(x), _t(scale), _t(bias), _t(mean), _t(var)
+    x, scale, bias, mean, var = T(x), T(scale), T(bias), T(mean), T(var)
     eps = ctx.attr("epsilon", 1e-5)
     training = bool(ctx.attr("training_mode", 0)) and ctx.opset >= 14
     if not training and ctx.n_outputs > 1 and ctx.opset >= 14:
@@ -435,13 +429,13 @@ def batch_norm(ctx, x, scale, bias, mean, var):
 
 @onnx_op("InstanceNormalization")
 def instance_norm(ctx, x, scale, bias):
-    x, scale, bias = _t(x), _t(scale), _t(bias)
+    x, scale, bias = T(x), T(scale), T(bias)
     return F.group_norm(x, x.shape[1], scale, bias, ctx.attr("epsilon", 1e-5))
 
 
 @onnx_op("LayerNormalization")
 def layer_norm(ctx, x, scale, bias=None):
-    x, scale, bias = _t(x), _t(scale), _t(bias)
+    x, scale, bias = T(x), T(scale), T(bias)
     axis = _axis(ctx.attr("axis", -1), x.ndim)
     eps = ctx.attr("epsilon", 1e-5)
     norm_shape = tuple(x.shape[axis:])
@@ -459,7 +453,7 @@ def layer_norm(ctx, x, scale, bias=None):
 
 @onnx_op("RMSNormalization")
 def rms_norm(ctx, x, scale):
-    x, scale = _t(x), _t(scale)
+    x, scale = T(x), T(scale)
     dims = tuple(range(_axis(ctx.attr("axis", -1), x.ndim), x.ndim))
     ms = kiln.mean(x * x, dim=dims, keepdim=True)
     return x * kiln.rsqrt(ms + ctx.attr("epsilon", 1e-5)) * scale
@@ -467,7 +461,7 @@ def rms_norm(ctx, x, scale):
 
 @onnx_op("GroupNormalization")
 def group_norm(ctx, x, scale, bias):
-    x, scale, bias = _t(x), _t(scale), _t(bias)
+    x, scale, bias = T(x), T(scale), T(bias)
     groups = ctx.attr("num_groups")
     C = x.shape[1]
     if scale.shape[0] != C:  # opset 18: one scale and bias per group
@@ -479,7 +473,7 @@ def group_norm(ctx, x, scale, bias):
 
 @onnx_op("LpNormalization")
 def lp_normalization(ctx, x):
-    x = _t(x)
+    x = T(x)
     p = ctx.attr("p", 2)
     if p not in (1, 2):
         raise _err(ctx, f"p must be 1 or 2, got {p}")
@@ -491,7 +485,7 @@ def lp_normalization(ctx, x):
 
 @onnx_op("MeanVarianceNormalization")
 def mean_variance_normalization(ctx, x):
-    x = _t(x)
+    x = T(x)
     axes = tuple(ctx.attr("axes", [0, 2, 3]))
     mean = kiln.mean(x, dim=axes, keepdim=True)
     var = kiln.mean(x * x, dim=axes, keepdim=True) - mean * mean
@@ -500,7 +494,7 @@ def mean_variance_normalization(ctx, x):
 
 @onnx_op("LRN")
 def lrn(ctx, x):
-    x = _t(x)
+    x = T(x)
     size = ctx.attr("size")
     alpha, beta, bias = ctx.attr("alpha", 1e-4), ctx.attr("beta", 0.75), ctx.attr("bias", 1.0)
     C = x.shape[1]
@@ -529,12 +523,12 @@ def _along_axis(ctx, x, fn):
 
 @onnx_op("Softmax")
 def softmax(ctx, x):
-    return _along_axis(ctx, _t(x), lambda v, d: kiln.softmax(v, d))
+    return _along_axis(ctx, T(x), lambda v, d: kiln.softmax(v, d))
 
 
 @onnx_op("LogSoftmax")
 def log_softmax(ctx, x):
-    return _along_axis(ctx, _t(x), lambda v, d: kiln.log_softmax(v, d))
+    return _along_axis(ctx, T(x), lambda v, d: kiln.log_softmax(v, d))
 
 
 def _hardmax(x, dim):
@@ -548,24 +542,24 @@ def _hardmax(x, dim):
 
 @onnx_op("Hardmax")
 def hardmax(ctx, x):
-    return _along_axis(ctx, _t(x), _hardmax)
+    return _along_axis(ctx, T(x), _hardmax)
 
 
 # -- activations -------------------------------------------------------------------------------
 
 @onnx_op("Relu")
 def relu(ctx, x):
-    return kiln.relu(_t(x))
+    return kiln.relu(T(x))
 
 
 @onnx_op("LeakyRelu")
 def leaky_relu(ctx, x):
-    return F.leaky_relu(_t(x), ctx.attr("alpha", 0.01))
+    return F.leaky_relu(T(x), ctx.attr("alpha", 0.01))
 
 
 @onnx_op("PRelu")
 def prelu(ctx, x, slope):
-    x, slope = _t(x), _t(slope)
+    x, slope = T(x), T(slope)
     if ctx.opset < 7 and slope.ndim == 1 and x.ndim > 2 and slope.shape[0] > 1:
         slope = slope.reshape(_channel_shape(x))  # before opset 7: one slope per channel
     return kiln.where(x < 0, x * slope, x)
@@ -573,12 +567,12 @@ def prelu(ctx, x, slope):
 
 @onnx_op("Elu")
 def elu(ctx, x):
-    return F.elu(_t(x), ctx.attr("alpha", 1.0))
+    return F.elu(T(x), ctx.attr("alpha", 1.0))
 
 
 @onnx_op("Selu")
 def selu(ctx, x):
-    x = _t(x)
+    x = T(x)
     alpha = ctx.attr("alpha", 1.67326319217681884765625)
     gamma = ctx.attr("gamma", 1.05070102214813232421875)
     return gamma * kiln.where(x > 0, x, alpha * kiln.expm1(kiln.clamp_max(x, 0.0)))
@@ -586,49 +580,49 @@ def selu(ctx, x):
 
 @onnx_op("Celu")
 def celu(ctx, x):
-    return F.celu(_t(x), ctx.attr("alpha", 1.0))
+    return F.celu(T(x), ctx.attr("alpha", 1.0))
 
 
 @onnx_op("Gelu")
 def gelu(ctx, x):
-    return F.gelu(_t(x), approximate=_s(ctx.attr("approximate", "none")))
+    return F.gelu(T(x), approximate=_s(ctx.attr("approximate", "none")))
 
 
 @onnx_op("HardSigmoid")
 def hard_sigmoid(ctx, x):
-    x = _t(x)
+    x = T(x)
     return kiln.clamp(x * ctx.attr("alpha", 0.2) + ctx.attr("beta", 0.5), 0.0, 1.0)
 
 
 @onnx_op("HardSwish")
 def hard_swish(ctx, x):
-    return F.hardswish(_t(x))
+    return F.hardswish(T(x))
 
 
 @onnx_op("Softplus")
 def softplus(ctx, x):
-    return F.softplus(_t(x))
+    return F.softplus(T(x))
 
 
 @onnx_op("Softsign")
 def softsign(ctx, x):
-    return F.softsign(_t(x))
+    return F.softsign(T(x))
 
 
 @onnx_op("Mish")
 def mish(ctx, x):
-    return F.mish(_t(x))
+    return F.mish(T(x))
 
 
 @onnx_op("ThresholdedRelu")
 def thresholded_relu(ctx, x):
-    x = _t(x)
+    x = T(x)
     return kiln.where(x > ctx.attr("alpha", 1.0), x, kiln.zeros_like(x))
 
 
 @onnx_op("Shrink")
 def shrink(ctx, x):
-    x = _t(x)
+    x = T(x)
     lambd, bias = ctx.attr("lambd", 0.5), ctx.attr("bias", 0.0)
     zero = kiln.zeros_like(x)
     return kiln.where(x < -lambd, x + bias, kiln.where(x > lambd, x - bias, zero))
@@ -636,13 +630,13 @@ def shrink(ctx, x):
 
 @onnx_op("Swish")
 def swish(ctx, x):
-    x = _t(x)
+    x = T(x)
     return x * kiln.sigmoid(x * ctx.attr("alpha", 1.0))
 
 
 @onnx_op("SwiGLU")
 def swiglu(ctx, a, b):
-    a, b = _t(a), _t(b)
+    a, b = T(a), T(b)
     if tuple(a.shape) != tuple(b.shape):
         raise _err(ctx, f"A and B must have the same shape, got {list(a.shape)} and "
                         f"{list(b.shape)}")
@@ -651,7 +645,7 @@ def swiglu(ctx, a, b):
 
 @onnx_op("Dropout")
 def dropout(ctx, x, ratio=None, training_mode=None):
-    x = _t(x)
+    x = T(x)
     training = training_mode is not None and bool(np.asarray(ctx.static(2)))
     if training:
         p = 0.5 if ratio is None else float(np.asarray(ctx.static(1)))
@@ -666,7 +660,7 @@ def dropout(ctx, x, ratio=None, training_mode=None):
 
 @onnx_op("DepthToSpace")
 def depth_to_space(ctx, x):
-    x = _t(x)
+    x = T(x)
     b = ctx.attr("blocksize")
     n, c, h, w = x.shape
     if _s(ctx.attr("mode", "DCR")) == "DCR":
@@ -678,7 +672,7 @@ def depth_to_space(ctx, x):
 
 @onnx_op("SpaceToDepth")
 def space_to_depth(ctx, x):
-    x = _t(x)
+    x = T(x)
     b = ctx.attr("blocksize")
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // b, b, w // b, b)

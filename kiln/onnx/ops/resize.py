@@ -12,7 +12,8 @@ import numpy as np
 
 import kiln
 from kiln.onnx.ops import onnx_op
-from kiln.onnx.ops.nn import _err, _s, _t
+from kiln.onnx.ops._common import T
+from kiln.onnx.ops.nn import _err, _s
 
 
 def _source_coords(ctm, L, Lo, scale, roi):
@@ -108,7 +109,7 @@ def _resize_axis(y, axis, m, extrap, o):
         y = kiln.index_select(y, axis, kiln.from_numpy(np.argmax(m, axis=1).astype(np.int64)))
     else:
         moved = kiln.movedim(y, axis, -1)
-        y = kiln.movedim(kiln.matmul(moved, _t(np.ascontiguousarray(m.T).astype(y.dtype.np))),
+        y = kiln.movedim(kiln.matmul(moved, T(np.ascontiguousarray(m.T).astype(y.dtype.np))),
                          -1, axis)
     if extrap is not None:
         mask = kiln.from_numpy(extrap.reshape(shape))
@@ -140,7 +141,7 @@ def _sizes_and_scales(ctx, shape, scales, sizes, axes):
 
 
 def _resize(ctx, x, roi, scales, sizes, o):
-    x = _t(x)
+    x = T(x)
     shape = tuple(x.shape)
     axes = ctx.attr("axes")
     out, sc, axes = _sizes_and_scales(ctx, shape, scales, sizes, axes)

@@ -14,7 +14,8 @@ import numpy as np
 import kiln
 import kiln.nn.functional as F
 from kiln.onnx.ops import onnx_op
-from kiln.onnx.ops.nn import _err, _s, _t
+from kiln.onnx.ops._common import T as tensor  # T is the sequence length here
+from kiln.onnx.ops.nn import _err, _s
 
 
 def _activation(ctx, name: str, alpha, beta):
@@ -69,7 +70,7 @@ _TAKES_BETA = {"scaledtanh", "hardsigmoid", "affine"}
 
 def _setup(ctx, x, w, r, b, seq_lens, h0, gates: int):
     """Common inputs, in layout 0: x (T, N, I); per-direction weights; masks for seq_lens."""
-    x, w, r, b, h0 = _t(x), _t(w), _t(r), _t(b), _t(h0)
+    x, w, r, b, h0 = tensor(x), tensor(w), tensor(r), tensor(b), tensor(h0)
     layout = ctx.attr("layout", 0)
     if layout:
         x = x.transpose(0, 1)
@@ -174,7 +175,7 @@ def gru(ctx, x, w, r, b=None, seq_lens=None, h0=None):
 @onnx_op("LSTM")
 def lstm(ctx, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None):
     x, T, H, masks, dirs, layout = _setup(ctx, x, w, r, b, seq_lens, h0, 4)
-    c0, p = _t(c0), _t(p)
+    c0, p = tensor(c0), tensor(p)
     if c0 is not None and layout:
         c0 = c0.transpose(0, 1)
     acts = _activations(ctx, ["Sigmoid", "Tanh", "Tanh"], len(dirs))

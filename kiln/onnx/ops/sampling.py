@@ -13,7 +13,8 @@ import numpy as np
 
 import kiln
 from kiln.onnx.ops import onnx_op
-from kiln.onnx.ops.nn import _err, _s, _t
+from kiln.onnx.ops._common import T
+from kiln.onnx.ops.nn import _err, _s
 
 
 def _base_grid(sizes, align_corners: bool) -> np.ndarray:
@@ -31,12 +32,12 @@ def _base_grid(sizes, align_corners: bool) -> np.ndarray:
 
 @onnx_op("AffineGrid")
 def affine_grid(ctx, theta, size):
-    theta = _t(theta)
+    theta = T(theta)
     size = [int(v) for v in np.asarray(ctx.static(1)).reshape(-1)]
     spatial = size[2:]
     if len(spatial) not in (2, 3):
         raise _err(ctx, f"size must describe a 2-D or 3-D input, got {size}")
-    base = _t(_base_grid(spatial, bool(ctx.attr("align_corners", 0))).astype(theta.dtype.np))
+    base = T(_base_grid(spatial, bool(ctx.attr("align_corners", 0))).astype(theta.dtype.np))
     grid = kiln.matmul(base, theta.transpose(1, 2))  # (N, P, nd)
     return grid.reshape(size[0], *spatial, len(spatial))
 
@@ -71,7 +72,7 @@ def _cubic_weights(t, A=-0.75):
 
 @onnx_op("GridSample")
 def grid_sample(ctx, x, grid):
-    x, grid = _t(x), _t(grid)
+    x, grid = T(x), T(grid)
     mode = _s(ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear"))
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
     padding = _s(ctx.attr("padding_mode", "zeros"))
@@ -149,7 +150,7 @@ def _bilinear_zeros(flat, py, px, H: int, W: int):
 def deform_conv(ctx, x, w, offset, b=None, mask=None):
     """2-D deformable convolution: each kernel tap reads the input bilinearly at its position
     moved by a learned offset (and scaled by the optional mask), then a grouped matmul."""
-    x, w, offset, b, mask = (_t(a) for a in (x, w, offset, b, mask))
+    x, w, offset, b, mask = (T(a) for a in (x, w, offset, b, mask))
     if x.ndim != 4:
         raise _err(ctx, f"only 2-D deformable convolution is supported, got {x.ndim - 2}-D")
     n, c, H, W = x.shape
@@ -168,8 +169,8 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
     cols = []
     for a in range(kh):
         for bb in range(kw):
-            py = off[:, :, a, bb, 0] + _t(base_y + a * dh)
-            px = off[:, :, a, bb, 1] + _t(base_x + bb * dw)
+            py = off[:, :, a, bb, 0] + T(base_y + a * dh)
+            px = off[:, :, a, bb, 1] + T(base_x + bb * dw)
             v = _bilinear_zeros(flat, py, px, H, W)  # (N, og, C/og, P)
             if msk is not None:
                 v = v * msk[:, :, a, bb].unsqueeze(2)
@@ -210,7 +211,7 @@ def _roi_samples(box, H, W, oh, ow, ratio, half_pixel):
 def roi_align(ctx, x, rois, batch_indices):
     """Average (or max) of bilinear samples in each bin of each region of interest.  The
     regions are read as static values (gradients reach ``x``, not the boxes)."""
-    x = _t(x)
+    x = T(x)
     boxes = np.asarray(ctx.static(1), dtype=np.float64).reshape(-1, 4)
     batch = np.asarray(ctx.static(2)).astype(np.int64).reshape(-1)
     oh, ow = ctx.attr("output_height", 1), ctx.attr("output_width", 1)
@@ -226,7 +227,7 @@ def roi_align(ctx, x, rois, batch_indices):
         pos, w, count = _roi_samples(box * scale - (0.5 if half else 0.0), H, W, oh, ow, ratio,
                                      half)
         vals = kiln.index_select(flat[int(b)], 1, kiln.from_numpy(pos.reshape(-1)))
-        vals = vals.reshape(c, *pos.shape) * _t(w.astype(x.dtype.np))
+        vals = vals.reshape(c, *pos.shape) * T(w.astype(x.dtype.np))
         if mode == "avg":
             y = vals.sum(dim=(-1, -2)) / count
         else:
