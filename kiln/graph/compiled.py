@@ -177,31 +177,25 @@ class Entry:
         self.verified: set = set()  # dynamic: batch sizes checked to fit the graph
 
     # signature checks ---------------------------------------------------------------------------
-    def shape_match(self, shapes, dtypes) -> bool:
+    def bind_shapes(self, shapes, dtypes) -> dict | None:
+        """The dynamic dimensions' values (``{"B": 40}``; ``{}`` for a static entry) when
+        ``shapes`` and ``dtypes`` match this entry, else None."""
         if dtypes != self.dtypes or len(shapes) != len(self.shapes):
-            return False
+            return None
         if not self.sizes:
-            return shapes == self.shapes
+            return {} if shapes == self.shapes else None
         env: dict = {}
         for got, want in zip(shapes, self.shapes):
             if len(got) != len(want):
-                return False
+                return None
             for g, w in zip(got, want):
                 if isinstance(w, Sym):
                     v, r = divmod(g - w.add, w.mul)
                     if r or env.setdefault(w.name, v) != v or v < 1:
-                        return False
+                        return None
                 elif g != w:
-                    return False
-        return True
-
-    def batch_size(self, shapes) -> int:
-        """The value of the dynamic dimension in matching ``shapes``."""
-        for got, want in zip(shapes, self.shapes):
-            for g, w in zip(got, want):
-                if isinstance(w, Sym):
-                    return (g - w.add) // w.mul
-        raise AssertionError("not a dynamic entry")
+                    return None
+        return env
 
     def mismatch(self, leaves: list) -> str:
         """Why the guards other than argument shapes fail now ('' when they hold)."""
@@ -291,23 +285,24 @@ class CompiledFunction:
         shapes = tuple(t._data.shape for t in leaves)
         dtypes = tuple(t._data.dtype for t in leaves)
         for e in self.entries:
-            if e.spec == spec and e.shape_match(shapes, dtypes) and not e.mismatch(leaves):
+            env = e.bind_shapes(shapes, dtypes) if e.spec == spec else None
+            if env is not None and not e.mismatch(leaves):
                 if e.eager:
                     return self.fn(*args, **kwargs)
-                if e.sizes and e.batch_size(shapes) not in e.verified:
-                    return self._check_size(e, args, kwargs, spec, leaves, shapes, dtypes)
+                if env and env["B"] not in e.verified:
+                    return self._check_size(e, env["B"], args, kwargs, spec, leaves, shapes,
+                                            dtypes)
                 return self._run(e, leaves)
         return self._compile(args, kwargs, spec, leaves, _arg_paths(args, kwargs), shapes,
                              dtypes)
 
-    def _check_size(self, e: Entry, args, kwargs, spec, leaves, shapes, dtypes):
+    def _check_size(self, e: Entry, b: int, args, kwargs, spec, leaves, shapes, dtypes):
         """A batch size the dynamic graph was not traced at: trace this call (it runs eagerly)
         and keep serving the size from the dynamic graph only if this trace unifies with the
         first one into the same graph; otherwise the size gets its own graph.  This catches
         shapes that are not linear in the batch size (``x[:n // 2]``)."""
         from kiln.graph.unify import difference, unify
 
-        b = e.batch_size(shapes)
         result, new = self._trace(args, kwargs, spec, leaves, _arg_paths(args, kwargs), shapes,
                                   dtypes)
         if new is None or new.eager:
@@ -401,7 +396,7 @@ class CompiledFunction:
         if e.dtypes != dtypes:
             i = next(i for i, (a, b) in enumerate(zip(e.dtypes, dtypes)) if a != b)
             return f"{self._arg_name(i)} changed dtype {e.dtypes[i]} -> {dtypes[i]}", None
-        if not e.shape_match(shapes, dtypes):
+        if e.bind_shapes(shapes, dtypes) is None:
             diffs = [i for i, (a, b) in enumerate(zip(e.shapes, shapes)) if a != b]
             i = diffs[0]
             text = (f"{self._arg_name(i)} changed shape {_shape_str(e.shapes[i])} -> "
