@@ -318,10 +318,7 @@ class CompiledFunction:
             e.verified.add(b)
             return result
         self.misfit = (b, why)
-        self._finish(new)
-        self.entries.insert(0, new)
-        if len(self.entries) > MAX_ENTRIES:
-            self.entries.pop()
+        self._add(new)
         line = (f"recompiled {self.__name__}: batch size {b} does not fit the dynamic graph "
                 f"traced at {sorted(e.verified)} ({why})")
         self.history.append(line)
@@ -367,10 +364,7 @@ class CompiledFunction:
                 self.entries.remove(merge)
                 entry = merged
                 reason += "; dimension 0 is now dynamic (one graph serves every size)"
-        self._finish(entry)
-        self.entries.insert(0, entry)
-        if len(self.entries) > MAX_ENTRIES:
-            self.entries.pop()
+        self._add(entry)
         line = f"compiled {self.__name__}" if not self.history else \
             f"recompiled {self.__name__}: {reason}"
         line += f" at {where}" if where else ""
@@ -515,6 +509,13 @@ class CompiledFunction:
         new.sizes = {"B": (n1, n2)}
         new.verified = {n1, n2}
         return new
+
+    def _add(self, e: Entry) -> None:
+        """Build ``e``'s executor and cache it first (dropping the oldest beyond MAX_ENTRIES)."""
+        self._finish(e)
+        self.entries.insert(0, e)
+        if len(self.entries) > MAX_ENTRIES:
+            self.entries.pop()
 
     def _finish(self, e: Entry) -> None:
         """Optimize the traced graph and build its executor."""
