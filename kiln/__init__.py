@@ -1,5 +1,6 @@
 """Kiln: a deep-learning framework with PyTorch's eager API, compiled graphs and export."""
 
+from kiln import _malloc  # noqa: F401 - first: sets how freed array memory is kept
 from kiln import dtypes as _dtypes
 from kiln.dtypes import (
     bool_ as bool,  # noqa: A001 - PyTorch's name
