@@ -1,0 +1,91 @@
+"""Compile llvmlite IR modules to machine code for this CPU (once per module, kept for the process)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+_lock = threading.Lock()
+_machine = None
+_engines: list = []  # the compiled code lives as long as its engine: keep every engine
+
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR_F32 = F32.as_pointer()
+
+
+def target_machine():
+    """The host's target machine: its CPU name and features (AVX-512 where present), -O3."""
+    global _machine
+    if _machine is None:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        target = llvm.Target.from_triple(llvm.get_process_triple())
+        _machine = target.create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+            opt=3, reloc="default", codemodel="jitdefault")
+    return _machine
+
+
+def new_module(name: str) -> ir.Module:
+    """An empty IR module for the host triple."""
+    mod = ir.Module(name=name)
+    mod.triple = llvm.get_process_triple()
+    mod.data_layout = str(target_machine().target_data)
+    return mod
+
+
+def intrinsic(mod: ir.Module, name: str, ret, args) -> ir.Function:
+    """Declare (once) an LLVM intrinsic such as ``llvm.sqrt.f32`` with an explicit signature."""
+    if name in mod.globals:
+        return mod.globals[name]
+    return ir.Function(mod, ir.FunctionType(ret, args), name)
+
+
+def _wide_vectors(text: str) -> str:
+    """Let the loop vectorizer use 512-bit registers on AVX-512 CPUs (LLVM prefers 256 there)."""
+    if "+avx512f" not in llvm.get_host_cpu_features().flatten():
+        return text
+    text = re.sub(r'^(define [^\n]*\))$', r"\1 #0", text, flags=re.M)
+    return text + '\nattributes #0 = { nounwind "prefer-vector-width"="512" }\n'
+
+
+def compile_module(mod: ir.Module, signatures: dict) -> dict:
+    """Optimize and compile ``mod``; returns {function name: ctypes function}.
+
+    ``signatures`` maps each exported function name to its ctypes argument types (all return
+    void).  ctypes releases the GIL for the duration of each call, so the functions can run on
+    several threads at once.
+    """
+    tm = target_machine()
+    with _lock:
+        m = llvm.parse_assembly(_wide_vectors(str(mod)))
+        m.verify()
+        pto = llvm.create_pipeline_tuning_options(speed_level=3)
+        pto.loop_vectorization = True
+        pto.slp_vectorization = True
+        pb = llvm.create_pass_builder(tm, pto)
+        pb.getModulePassManager().run(m, pb)
+        engine = llvm.create_mcjit_compiler(m, tm)
+        engine.finalize_object()
+        _engines.append(engine)
+        return {name: ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
+                for name, argtypes in signatures.items()}
+
+
+def assembly(mod: ir.Module) -> str:
+    """The machine code ``compile_module`` would produce, as assembly text (for debugging)."""
+    m = llvm.parse_assembly(_wide_vectors(str(mod)))
+    tm = target_machine()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(m, pb)
+    return tm.emit_assembly(m)
