@@ -136,7 +136,8 @@ def versions(rows: list) -> dict:
     for r in rows:
         if r.get("peer") in (None, "runner") or "version" not in r:
             continue
-        extra = [f"{k} {r[k]}" for k in ("keras", "jaxlib", "optax", "numpy") if k in r]
+        extra = [f"{k} {r[k]}" for k in ("keras", "jaxlib", "optax", "numpy", "jit")
+                 if k in r]
         out[r["peer"]] = r["version"] + (f" ({', '.join(extra)})" if extra else "")
     return dict(sorted(out.items()))
 

@@ -33,13 +33,24 @@ def setup(mode):
 
         threadpool_limits(n)
         how = f"threadpoolctl.threadpool_limits({n}) (numpy/BLAS)"
+    from kiln import jit
+
+    if jit.available():  # native kernels (the optional kiln[jit] extra) have their own pool
+        import llvmlite
+        from kiln.jit import parallel
+
+        parallel.set_num_threads(n)
+        native = f"llvmlite {llvmlite.__version__}, {n} threads"
+    else:
+        native = "off"
     import numpy
     from threadpoolctl import threadpool_info
 
     blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
             for i in threadpool_info() if i.get("user_api") == "blas"]
     return {"version": kiln.__version__, "threads": n, "threading": how,
-            "numpy": numpy.__version__, "blas": blas}
+            "numpy": numpy.__version__, "blas": blas,
+            "jit": native}
 
 
 def _compile(mode):
