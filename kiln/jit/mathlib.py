@@ -75,7 +75,10 @@ def is_nan(b, x):
 
 def exp(b: ir.IRBuilder, x):
     """e**x: inf above 88.72, 0 below -87.34 (no subnormal results), NaN stays NaN."""
-    t = fmax(b, fmin(b, x, const(EXP_HI)), const(EXP_LO))
+    # inputs below EXP_LO compute exp(0) and are replaced by 0 at the end: clamping them to
+    # EXP_LO instead would build a subnormal 2**-126 * p, which the CPU handles ~100x slower
+    low = b.fcmp_ordered("<", x, const(EXP_LO))
+    t = b.select(low, const(0.0), fmin(b, x, const(EXP_HI)))
     k = rint(b, b.fmul(t, const(LOG2E)))
     r = b.fsub(t, b.fmul(k, const(LN2_HI)))
     r = b.fsub(r, b.fmul(k, const(LN2_LO)))
@@ -89,7 +92,7 @@ def exp(b: ir.IRBuilder, x):
                    F32)
     y = b.fmul(b.fmul(p, s1), s2)
     y = b.select(b.fcmp_ordered(">", x, const(EXP_HI)), const(float("inf")), y)
-    y = b.select(b.fcmp_ordered("<", x, const(EXP_LO)), const(0.0), y)
+    y = b.select(low, const(0.0), y)
     return b.select(is_nan(b, x), x, y)
 
 

@@ -7,6 +7,7 @@ import numbers
 import numpy as np
 
 import kiln
+from kiln import jit
 from kiln.grad_mode import STATE
 from kiln.ops.elementwise import _tname
 from kiln.ops.registry import primitive
@@ -98,7 +99,16 @@ def _ln_moments(x2: np.ndarray, eps: float):
 
 
 def _layer_norm_fast(x2, params, eps, has_weight, has_bias):
-    """``(x - mean) * rstd * w + b`` from the one-pass statistics, in place."""
+    """``(x - mean) * rstd * w + b`` from the one-pass statistics, in place (float32: one
+    native pass per row when kiln.jit is available)."""
+    if x2.dtype == np.float32 and jit.available():
+        from kiln.jit import rows
+        d = x2.shape[1]
+        w = np.ascontiguousarray(params[0].reshape(d)) if has_weight else None
+        b = np.ascontiguousarray(params[-1].reshape(d)) if has_bias else None
+        y = rows.layer_norm(np.ascontiguousarray(x2), w, b, eps)
+        if y is not None:
+            return y
     st = _ln_moments(x2, eps)
     if st is None:
         return None
@@ -213,6 +223,12 @@ def _layer_norm_backward_fast(x2, g2, weight, eps, parts, out) -> bool:
     is g * (rstd (x) w) + x * (s (x) 1) + t (x) 1 with s = -rstd^3 c and
     t = rstd^3 c mean - rstd mean(gh); dw = sum_rows(g * x * rstd) - sum_rows(g * mean rstd);
     db = sum_rows(g)."""
+    if x2.dtype == np.float32 and g2.dtype == x2.dtype and jit.available():
+        from kiln.jit import rows
+        w = np.ascontiguousarray(weight[0].reshape(x2.shape[1])) if weight else None
+        if rows.layer_norm_backward(np.ascontiguousarray(x2), np.ascontiguousarray(g2), w, eps,
+                                    parts, out):
+            return True
     if g2.dtype != x2.dtype or not g2.flags.c_contiguous:
         return False
     st = _ln_moments(x2, eps)

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from kiln import dtypes
+from kiln import dtypes, jit
 from kiln.grad_mode import STATE
 from kiln.ops.registry import primitive
 from kiln.tensor import Tensor, _make, normalize_dim
@@ -1022,7 +1022,13 @@ _FAST_SOFTMAX = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _softmax_last(x: np.ndarray):
-    """Softmax over the last axis through the global max, or None when it does not apply."""
+    """Softmax over the last axis through the global max (float32: kiln.jit's row kernel when
+    available), or None when it does not apply."""
+    if x.dtype == np.float32 and jit.available():
+        from kiln.jit import rows
+        y = rows.softmax(np.ascontiguousarray(x))
+        if y is not None:
+            return y
     if x.dtype not in _FAST_SOFTMAX or not x.flags.c_contiguous or x.shape[-1] > 8192:
         return None
     m = np.maximum.reduce(x, axis=None)
@@ -1076,6 +1082,11 @@ def _log_softmax(x, axis):
     if x.ndim == 0 or not x.size:
         with np.errstate(invalid="ignore"):
             return _softmax_edge(x, np.subtract(x, x))
+    if axis == x.ndim - 1 and x.dtype == np.float32 and jit.available():
+        from kiln.jit import rows
+        y = rows.softmax(np.ascontiguousarray(x), log=True)
+        if y is not None:
+            return y
     m = _extreme_along(x, (axis,), True)
     if not _all_finite(m):
         with np.errstate(invalid="ignore"):
