@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from kiln import dtypes
+from kiln import dtypes, jit
 from kiln.creation import zeros_like
 from kiln.dispatch import apply_inplace, check_inplace_allowed
 from kiln.grad_mode import STATE
@@ -1340,6 +1340,10 @@ def _gelu32(x: np.ndarray) -> np.ndarray:
     """Exact GELU of a float32 (or float16) array, in chunks; see _GELU32_NEG_Q."""
     if x.dtype != np.float32:
         return _gelu32(x.astype(np.float32)).astype(x.dtype)
+    if jit.available():
+        from kiln.jit import hot_ops
+
+        return hot_ops.gelu(x)
     flat = x.reshape(-1)
     n = flat.size
     out = np.empty(n, np.float32)
@@ -1360,6 +1364,12 @@ def _gelu_backward32(g: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``g * (Phi(x) + x phi(x))`` for float32 (or float16) arrays of equal shape, in chunks."""
     if x.dtype != np.float32:
         return _gelu_backward32(g.astype(np.float32), x.astype(np.float32)).astype(x.dtype)
+    if jit.available():
+        from kiln.jit import hot_ops
+
+        out = hot_ops.gelu_backward(g, x)
+        if out is not None:
+            return out
     flat, gf = x.reshape(-1), g.reshape(-1)
     n = flat.size
     out = np.empty(n, np.float32)
@@ -1388,6 +1398,10 @@ def _gelu_backward32(g: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _gelu(x, approximate):
     if approximate != "tanh" and x.dtype != np.float64:
         return _gelu32(x)
+    if approximate == "tanh" and x.dtype == np.float32 and jit.available():
+        from kiln.jit import hot_ops
+
+        return hot_ops.gelu(x, "tanh")
     if approximate == "tanh":
         inner = x * x
         inner *= x
@@ -1414,6 +1428,12 @@ def _gelu_backward(g, x, approximate):
     """``g * gelu'(x)`` in one pass over float64-free temporaries."""
     if approximate != "tanh" and x.dtype != np.float64:
         return _gelu_backward32(g, x)
+    if approximate == "tanh" and x.dtype == np.float32 and jit.available():
+        from kiln.jit import hot_ops
+
+        out = hot_ops.gelu_backward(g, x, "tanh")
+        if out is not None:
+            return out
     if approximate == "tanh":
         x_sq = x * x
         t = x_sq * _GELU_TANH_KAPPA

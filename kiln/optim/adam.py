@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kiln import creation
+from kiln import creation, jit
+from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
@@ -82,6 +83,8 @@ class Adam(Optimizer):
             one_minus_beta2 = 1 - beta2
             if decoupled and weight_decay != 0:  # a tensor op when lr is one (capturable)
                 decay = 1 - lr * weight_decay
+            native = (not (cap or amsgrad or maximize) and STATE.tracer is None
+                      and _plain_numbers(lr, beta1, beta2, eps, weight_decay) and jit.available())
             cached_step = None
             for p in group["params"]:
                 grad = p.grad
@@ -91,10 +94,17 @@ class Adam(Optimizer):
                 if len(state) == 0:
                     self._init_state(state, p, amsgrad)
                 step_t = state["step"]
-                step_t.add_(1)
+                if native:  # as add_'s in-place fast path, without the dispatch
+                    step_t._data += 1
+                    step_t._version[0] += 1
+                else:
+                    step_t.add_(1)
                 # capturable: a float64 0-d tensor, so the bias corrections below are computed
                 # in float64 as from the Python float
                 step = step_t.double() if cap else step_t.item()
+                if native and _native_update(p, grad, state, step, lr, beta1, beta2, eps,
+                                             weight_decay, decoupled):
+                    continue
                 if maximize:
                     grad = _ew.neg(grad)
                 if weight_decay != 0:
@@ -131,6 +141,33 @@ class Adam(Optimizer):
         if isinstance(self, AdamW):
             for group in self.param_groups:
                 group["decoupled_weight_decay"] = True
+
+
+def _plain_numbers(*values) -> bool:
+    return all(type(v) in (float, int) for v in values)
+
+
+def _native_update(p, grad, state, step, lr, beta1, beta2, eps, weight_decay, decoupled) -> bool:
+    """The whole update of ``p`` in one native pass (float32 C-contiguous arrays only), with the
+    op-by-op path's roundings; False when the arrays do not qualify."""
+    from kiln.jit import optim_kernels
+
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    arrays = (p._data, grad._data, m._data, v._data)
+    if not optim_kernels.usable(*arrays):
+        return False
+    if weight_decay == 0:
+        kind, wd = "none", 0.0
+    elif decoupled:
+        kind, wd = "decoupled", 1 - lr * weight_decay
+    else:
+        kind, wd = "l2", weight_decay
+    optim_kernels.adam(*arrays, one_minus_beta1=1 - beta1, beta2=beta2,
+                       one_minus_beta2=1 - beta2, step_size=lr / (1 - beta1**step),
+                       bias2_sqrt=(1 - beta2**step) ** 0.5, eps=eps, decay=kind, wd=wd)
+    for t in (p, m, v):
+        t._version[0] += 1
+    return True
 
 
 class AdamW(Adam):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kiln import jit
+from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
@@ -66,9 +68,16 @@ class SGD(Optimizer):
             dampening = group["dampening"]
             nesterov = group["nesterov"]
             maximize = group["maximize"]
+            native = (not maximize and STATE.tracer is None and not is_capturable(group)
+                      and all(type(v) in (float, int) for v in (lr, weight_decay, momentum,
+                                                                dampening))
+                      and jit.available())
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
+                    continue
+                if native and _native_update(p, grad, state_of, lr, weight_decay, momentum,
+                                             dampening, nesterov):
                     continue
                 if maximize:
                     grad = _ew.neg(grad)
@@ -92,3 +101,25 @@ class SGD(Optimizer):
                 # this rounds as add_(grad, alpha=-lr) would
                 p.sub_(grad.mul(scalar_like(lr, grad)))
         return loss
+
+
+def _native_update(p, grad, state_of, lr, weight_decay, momentum, dampening, nesterov) -> bool:
+    """The whole update of ``p`` (and its momentum buffer) in one native pass, with the op-by-op
+    path's roundings; False for arrays that do not qualify and for a buffer's first step."""
+    from kiln.jit import optim_kernels
+
+    buf = None
+    if momentum != 0:
+        buf = state_of[p].get("momentum_buffer")
+        if buf is None:
+            return False
+    arrays = (p._data, grad._data) if buf is None else (p._data, grad._data, buf._data)
+    if not optim_kernels.usable(*arrays):
+        return False
+    optim_kernels.sgd(p._data, grad._data, None if buf is None else buf._data, lr=lr,
+                      weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                      nesterov=nesterov)
+    p._version[0] += 1
+    if buf is not None:
+        buf._version[0] += 1
+    return True
