@@ -121,6 +121,14 @@ def layout(in_shapes, out_shape) -> tuple[int, list[str]] | None:
     return k, kinds
 
 
+def address(a: np.ndarray) -> int:
+    """The address of ``a``'s first element (~0.6 us; ``a.ctypes.data`` takes ~2.5 us)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):  # read-only or empty
+        return a.__array_interface__["data"][0]
+
+
 class Kernel:
     """A compiled elementwise kernel for one expression and one choice of input kinds."""
 
@@ -143,7 +151,7 @@ class Kernel:
         if n == 0:
             return
         cols = self._cols(outs[0].shape, ins)
-        ptrs = tuple(a.ctypes.data for a in outs) + tuple(a.ctypes.data for a in ins)
+        ptrs = tuple(map(address, outs)) + tuple(map(address, ins))
         parallel.run(self.fn, n, (cols,) + ptrs, work_per_item=self.cost)
 
     def _cols(self, shape, ins) -> int:
