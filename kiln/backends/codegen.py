@@ -434,6 +434,23 @@ class _Gen:
         self.emit(f"    return {{{', '.join(items)}}}")
 
     # -- fused nodes: the body inline, intermediates in the output buffer or temporaries ------
+    def _jit_fused(self, n: Node, v: str, out: str, key, tag: str) -> bool:
+        """Emit fused ``n`` as one native kernel call (kiln.jit), if the JIT is on and can."""
+        from kiln import jit
+
+        if not jit.available():
+            return False
+        from kiln.backends.jit_fused import runner
+
+        run = runner(n, {p for p, x in enumerate(n.inputs) if key in self.storage[x]})
+        if run is None:
+            return False
+        args = "".join(f", {self.names[x]}" for x in n.inputs)
+        self.emit(f"    {v} = {self.bind(f'jf{n.id}', run)}({out}{args}){self.comment(n, tag)}",
+                  n)
+        self.set_storage(n, [key])
+        return True
+
     def _fused(self, n: Node, i: int) -> None:
         body: Graph = n.attrs["body"]
         out_node = next(iter(body.outputs.values()))
@@ -453,6 +470,8 @@ class _Gen:
             out, key = v, ("f", n.id)
             self.emit(f"    {v} = _empty({self.shape_src(n.shape)}, "
                       f"{self.bind(f'dt_{n.id}', n.dtype)}){self.comment(n, tag)}", n)
+        if self._jit_fused(n, v, out, key, tag):
+            return
 
         # liveness inside the body, over the nodes the output needs
         needed = {out_node}
