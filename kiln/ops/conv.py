@@ -791,6 +791,11 @@ _POOL_ATTRS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
 
 @primitive("max_pool2d", traits={"reduce"}, save=(0,))
 def _max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
+    from kiln import jit
+    if jit.available() and x.dtype == np.float32 and x.size:
+        from kiln.jit import pool
+        Ho, Wo, _ = _pool_pads(*x.shape[2:], kernel, stride, padding, dilation, ceil_mode)
+        return pool.max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, "values")
     return _max_windows(x, kernel, stride, padding, dilation, ceil_mode, False)
 
 
@@ -812,6 +817,11 @@ def _max_pool2d_vjp(g, node):
 
 @primitive("max_pool2d_indices", traits={"index"})
 def _max_pool2d_indices(x, kernel, stride, padding, dilation, ceil_mode):
+    from kiln import jit
+    if jit.available() and x.dtype == np.float32 and x.size:
+        from kiln.jit import pool
+        Ho, Wo, _ = _pool_pads(*x.shape[2:], kernel, stride, padding, dilation, ceil_mode)
+        return pool.max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, "indices")
     return _max_windows(x, kernel, stride, padding, dilation, ceil_mode, True)
 
 
@@ -849,6 +859,12 @@ def _pool_gather_vjp(g, node):
 @primitive("pool_scatter", traits={"index"}, save=(1,))
 def _pool_scatter(g, idx, in_hw):
     """Gradient of pool_gather: each value added at its index (windows may overlap)."""
+    from kiln import jit
+    if jit.available() and g.dtype == np.float32 and idx.dtype == np.int64:
+        from kiln.jit import pool
+        out = pool.pool_scatter(g, idx, in_hw)
+        if out is not None:  # else an index outside its plane: numpy's add.at decides
+            return out
     N, C = g.shape[:2]
     H, W = in_hw
     out = np.zeros(N * C * H * W, g.dtype)
