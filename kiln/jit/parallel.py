@@ -14,8 +14,8 @@ import queue
 import threading
 
 # Below this many element-operations a range runs on the calling thread: handing work to another
-# thread costs 20-100 us, the time one core needs for about this much arithmetic.
-MIN_PARALLEL_WORK = 1 << 19
+# thread costs about 100 us on a 2-core VM, the time one core needs for about this much arithmetic.
+MIN_PARALLEL_WORK = 1 << 20
 
 
 def _default_threads() -> int:
