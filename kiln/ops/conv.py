@@ -789,13 +789,29 @@ def _max_tiles_index(x, kernel, Ho, Wo, nan_aware):
 _POOL_ATTRS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
 
 
+# kiln.jit's pooling kernels unroll the window: larger windows would take seconds to compile
+_NATIVE_POOL_TAPS = 64
+
+
+def _native_max_pool(x, kernel, stride, padding, dilation, ceil_mode, mode):
+    """Window maxima or their indices from kiln.jit's kernel (float32 windows of up to
+    _NATIVE_POOL_TAPS taps), or None for the numpy path."""
+    from kiln import jit
+
+    if not (jit.available() and x.dtype == np.float32 and x.size
+            and kernel[0] * kernel[1] <= _NATIVE_POOL_TAPS):
+        return None
+    from kiln.jit import pool
+
+    Ho, Wo, _ = _pool_pads(*x.shape[2:], kernel, stride, padding, dilation, ceil_mode)
+    return pool.max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, mode)
+
+
 @primitive("max_pool2d", traits={"reduce"}, save=(0,))
 def _max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
-    from kiln import jit
-    if jit.available() and x.dtype == np.float32 and x.size:
-        from kiln.jit import pool
-        Ho, Wo, _ = _pool_pads(*x.shape[2:], kernel, stride, padding, dilation, ceil_mode)
-        return pool.max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, "values")
+    out = _native_max_pool(x, kernel, stride, padding, dilation, ceil_mode, "values")
+    if out is not None:
+        return out
     return _max_windows(x, kernel, stride, padding, dilation, ceil_mode, False)
 
 
@@ -817,11 +833,9 @@ def _max_pool2d_vjp(g, node):
 
 @primitive("max_pool2d_indices", traits={"index"})
 def _max_pool2d_indices(x, kernel, stride, padding, dilation, ceil_mode):
-    from kiln import jit
-    if jit.available() and x.dtype == np.float32 and x.size:
-        from kiln.jit import pool
-        Ho, Wo, _ = _pool_pads(*x.shape[2:], kernel, stride, padding, dilation, ceil_mode)
-        return pool.max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, "indices")
+    out = _native_max_pool(x, kernel, stride, padding, dilation, ceil_mode, "indices")
+    if out is not None:
+        return out
     return _max_windows(x, kernel, stride, padding, dilation, ceil_mode, True)
 
 
@@ -860,8 +874,10 @@ def _pool_gather_vjp(g, node):
 def _pool_scatter(g, idx, in_hw):
     """Gradient of pool_gather: each value added at its index (windows may overlap)."""
     from kiln import jit
+
     if jit.available() and g.dtype == np.float32 and idx.dtype == np.int64:
         from kiln.jit import pool
+
         out = pool.pool_scatter(g, idx, in_hw)
         if out is not None:  # else an index outside its plane: numpy's add.at decides
             return out

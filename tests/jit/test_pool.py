@@ -192,3 +192,20 @@ def test_values_and_indices_in_one_pass(cfg):
     v, i = pool.max_pool2d(x, *cfg[:4], Ho, Wo, "both")
     np.testing.assert_array_equal(v, pool.max_pool2d(x, *cfg[:4], Ho, Wo, "values"))
     np.testing.assert_array_equal(i, pool.max_pool2d(x, *cfg[:4], Ho, Wo, "indices"))
+
+
+def test_large_windows_use_the_numpy_path_instead_of_a_huge_kernel(monkeypatch):
+    """A 60x80 window (ONNX's MaxPool2d_stride_padding_dilation model) would unroll into a
+    kernel that takes minutes to compile: such windows stay on numpy."""
+    from kiln.jit import pool
+
+    def refuse(*a, **k):
+        raise AssertionError("native pooling was asked for a 60x80 window")
+
+    monkeypatch.setattr(pool, "max_pool2d", refuse)
+    x = np.random.default_rng(0).standard_normal((1, 1, 200, 200)).astype(np.float32)
+    y = kiln.nn.functional.max_pool2d(kiln.tensor(x), (60, 80), stride=10, padding=(10, 20),
+                                      dilation=2)
+    want = torch.nn.functional.max_pool2d(torch.tensor(x), (60, 80), stride=10,
+                                          padding=(10, 20), dilation=2)
+    np.testing.assert_array_equal(y.numpy(), want.numpy())
