@@ -66,7 +66,7 @@ class Tracer:
         self.grads: dict = {}  # id(leaf) -> leaf whose .grad backward set during the trace
         self.zeroed: dict = {}  # id(leaf) -> leaf whose .grad was set to None by zero_grad
         self.grad_none: dict = {}  # id(leaf) -> leaf whose .grad must be None at call time
-        self.lifted: list = []  # (dict, key, input Node, tensor): scalars read at each run
+        self.lifted: list = []  # (dict, key, index, input Node, tensor): read at each run
         self.modules: dict = {}  # id(module) -> module called (their .training is guarded)
         self.module_stack: list = []
         self.groups: dict = {}  # id(param group) -> group (its hyper-parameters are guarded)
@@ -83,21 +83,24 @@ class Tracer:
         self.args[id(t)] = (t, n)
         return n
 
-    def lift(self, owner: dict, key: str):
-        """A 0-d float64 tensor standing for ``owner[key]``, read afresh at every run (so an
-        lr scheduler can change a compiled optimizer's learning rate without a recompile)."""
+    def lift(self, owner: dict, key: str, index: int | None = None):
+        """A 0-d float64 tensor standing for ``owner[key]`` (``owner[key][index]`` for a tuple
+        such as Adam's betas), read afresh at every run (so a scheduler can change a compiled
+        optimizer's learning rate or momentum without a recompile)."""
         from kiln.tensor import _make
 
-        for d, k, _, t in self.lifted:
-            if d is owner and k == key:
+        for d, k, i, _, t in self.lifted:
+            if d is owner and k == key and i == index:
                 return t
+        value = owner[key] if index is None else owner[key][index]
         prev, STATE.tracer = STATE.tracer, None
         try:
-            t = _make(np.array(owner[key], np.float64))
+            t = _make(np.array(value, np.float64))
         finally:
             STATE.tracer = prev
-        n = self.graph.add_input(key, (), np.float64, kind="lifted")
-        self.lifted.append((owner, key, n, t))
+        name = key if index is None else f"{key}[{index}]"
+        n = self.graph.add_input(name, (), np.float64, kind="lifted")
+        self.lifted.append((owner, key, index, n, t))
         self._bind(t, n)
         if isinstance(owner, dict) and "params" in owner:
             self.groups[id(owner)] = owner

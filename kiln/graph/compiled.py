@@ -153,14 +153,14 @@ class Entry:
         self.dtypes: tuple = ()
         self.grad_enabled = True
         self.modules: list = []  # (module, training)
-        self.groups: list = []  # (param group, snapshot)
+        self.groups: list = []  # (param group, its lifted keys, snapshot)
         self.grad_none: list = []  # leaves whose .grad must be None at call time
         self.captured: list = []  # tensors read at every call, in graph input order
         self.captured_types: list = []  # (shape, dtype) per captured tensor
         # index in captured -> the leaf (or argument index) whose .grad that tensor was: backward
         # outside the function makes a new .grad each step, so it is read through the leaf
         self.grad_of: dict = {}
-        self.lifted: list = []  # (dict, key)
+        self.lifted: list = []  # (dict, key, index or None)
         self.out_spec = None
         self.out_names: list = []
         self.updates: list = []  # (tensor, output name)
@@ -204,11 +204,14 @@ class Entry:
         for m, training in self.modules:
             if m.training != training:
                 return f"{type(m).__name__}.training changed {training} -> {m.training}"
-        for g, snap in self.groups:
-            now = _group_snapshot(g)
+        for g, keys, snap in self.groups:
+            now = _group_snapshot(g, keys)
             if now != snap:
-                diff = [k for (k, v), (_, w) in zip(snap, now) if v != w] or ["params"]
-                return f"optimizer setting {diff[0]!r} changed"
+                diff = [(k, v, w) for (k, v), (_, w) in zip(snap, now) if v != w]
+                if not diff or diff[0][0] == "params":
+                    return "optimizer setting 'params' changed"
+                k, v, w = diff[0]
+                return f"optimizer setting {k!r} changed {v!r} -> {w!r}"
         for leaf in self.grad_none:
             if _target(leaf, leaves).grad is not None:
                 return "a parameter's .grad was not None (gradients accumulate)"
@@ -237,12 +240,37 @@ class Entry:
         return keys
 
 
-def _group_snapshot(group: dict) -> tuple:
+def _group_snapshot(group: dict, lifted: frozenset = frozenset()) -> tuple:
+    """The settings of a parameter group that a graph depends on. A lifted setting (read at
+    every call) counts only by which of its values are zero, as that can decide the graph's
+    structure (SGD keeps no momentum buffer when momentum is 0); the learning rate not at all."""
     out = [("params", tuple(id(p) for p in group["params"]))]
     for k, v in group.items():
-        if k not in ("params", "lr") and not isinstance(v, Tensor):
-            out.append((k, v))
+        if k in ("params", "lr") or isinstance(v, Tensor):
+            continue
+        out.append((k, _Lifted(v) if k in lifted else v))
     return tuple(out)
+
+
+class _Lifted:
+    """A lifted setting in a snapshot: equal to another when the same values are zero."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+        self.zeros = _zeros(value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Lifted) and self.zeros == other.zeros
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _zeros(v):
+    """Which of a setting's values are zero (a number, or a tuple such as betas)."""
+    if isinstance(v, (tuple, list)):
+        return tuple(_zeros(x) for x in v)
+    return "tensor" if isinstance(v, Tensor) else v == 0
 
 
 # -- the compiled function -----------------------------------------------------------------------
@@ -329,7 +357,8 @@ class CompiledFunction:
         arrays = [t._data for t in leaves]
         captured = e.live(leaves)
         arrays += [t._data for t in captured]
-        arrays += [np.array(d[k], np.float64) for d, k in e.lifted]
+        arrays += [np.array(d[k] if i is None else d[k][i], np.float64)
+                   for d, k, i in e.lifted]
         outs = e.run(arrays)
         swap = {id(t): c for t, c in zip(e.captured, captured) if t is not c}
         for t, name in e.updates:
@@ -422,8 +451,11 @@ class CompiledFunction:
         e = Entry()
         e.spec, e.shapes, e.dtypes, e.grad_enabled = spec, shapes, dtypes, grad_mode
         e.modules = [(m, m.training) for m in tracer.modules.values()]
-        e.groups = [(g, _group_snapshot(g)) for g in tracer.groups.values()]
-        e.lifted = [(d, k) for d, k, _, _ in tracer.lifted]
+        e.lifted = [(d, k, i) for d, k, i, _, _ in tracer.lifted]
+        lifted = {id(g): frozenset(k for d, k, _ in e.lifted if d is g)
+                  for g in tracer.groups.values()}
+        e.groups = [(g, lifted[id(g)], _group_snapshot(g, lifted[id(g)]))
+                    for g in tracer.groups.values()]
         e.out_spec = out_spec
         if grad_mode and not tracer.saw_backward and any(t._rg for t in out_leaves):
             self._run_eagerly(e, "its outputs require grad and it does not call backward; "

@@ -7,11 +7,13 @@ from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
+    addcmul_scaled_,
     check_differentiable,
     check_lr,
     check_nonneg,
     eval_closure,
     group_lr,
+    hyper,
     is_capturable,
     scalar_like,
     step_no_grad,
@@ -27,8 +29,8 @@ class Adam(Optimizer):
 
     With ``decoupled_weight_decay=True`` it is AdamW.  ``foreach`` and ``fused`` are accepted
     for compatibility.  ``capturable=True`` (and tracing by ``kiln.compile``) computes the bias
-    corrections with tensor ops on the step counter and reads ``lr`` through ``hyper``, so
-    nothing is read back into Python; the results agree with the default path.
+    corrections with tensor ops on the step counter and reads ``lr`` and ``betas`` through
+    ``hyper``, so nothing is read back into Python; the results agree with the default path.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -70,8 +72,11 @@ class Adam(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            beta1, beta2 = to_scalar(beta1), to_scalar(beta2)
+            if STATE.tracer is not None:  # 0-d tensors, read at every call of the compiled step
+                beta1, beta2 = hyper(group, "betas", 0), hyper(group, "betas", 1)
+            else:
+                beta1, beta2 = group["betas"]
+                beta1, beta2 = to_scalar(beta1), to_scalar(beta2)
             cap = is_capturable(group)
             lr = group_lr(group, cap)
             weight_decay = group["weight_decay"]
@@ -114,8 +119,9 @@ class Adam(Optimizer):
                         grad = grad.add(p, alpha=weight_decay)
                 exp_avg = state["exp_avg"]
                 exp_avg_sq = state["exp_avg_sq"]
-                exp_avg.lerp_(grad, one_minus_beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
+                exp_avg.lerp_(grad, scalar_like(one_minus_beta1, exp_avg))
+                addcmul_scaled_(exp_avg_sq.mul_(scalar_like(beta2, exp_avg_sq)), grad, grad,
+                                one_minus_beta2)
                 # Bias corrections are Python floats (PyTorch's non-capturable path) or float64
                 # 0-d tensors (capturable); params of a group almost always share their step,
                 # so the floats are computed once per group.

@@ -13,7 +13,8 @@ from kiln import dtypes
 from kiln.grad_mode import STATE
 from kiln.tensor import Tensor
 
-__all__ = ["Optimizer", "group_lr", "hyper", "is_capturable", "required", "scalar_like"]
+__all__ = ["Optimizer", "add_scaled", "addcmul_scaled_", "group_lr", "hyper", "is_capturable",
+           "required", "scalar_like"]
 
 
 class _RequiredParameter:
@@ -43,14 +44,15 @@ def is_capturable(group: dict) -> bool:
     return STATE.tracer is not None or group.get("capturable", False)
 
 
-def hyper(group: dict, name: str):
-    """Hyper-parameter ``name`` of ``group`` for the capturable path: the value as stored,
-    or while tracing a 0-d float64 tensor that the compiled step reads from the group at
-    every call (so a scheduler's changes take effect)."""
+def hyper(group: dict, name: str, index: int | None = None):
+    """Hyper-parameter ``name`` of ``group`` (element ``index`` of a tuple such as betas) for
+    the capturable path: the value as stored, or while tracing a 0-d float64 tensor that the
+    compiled step reads from the group at every call (so a scheduler's changes take effect).
+    The compiled step still recompiles when the value becomes or stops being zero."""
     tracer = STATE.tracer
     if tracer is None:
-        return group[name]
-    return tracer.lift(group, name)
+        return group[name] if index is None else group[name][index]
+    return tracer.lift(group, name, index)
 
 
 def group_lr(group: dict, capturable: bool):
@@ -71,6 +73,22 @@ def scalar_like(value, t: Tensor):
     if isinstance(value, Tensor) and value.dtype != t.dtype:
         return value.to(t.dtype)
     return value
+
+
+def add_scaled(t: Tensor, other: Tensor, value) -> Tensor:
+    """``t + value * other`` (as ``t.add(other, alpha=value)``), ``value`` a number or a 0-d
+    tensor."""
+    if isinstance(value, Tensor):
+        return t.add(other.mul(scalar_like(value, other)))
+    return t.add(other, alpha=value)
+
+
+def addcmul_scaled_(t: Tensor, a: Tensor, b: Tensor, value) -> Tensor:
+    """In-place ``t += value * a * b`` (as ``t.addcmul_(a, b, value=value)``), ``value`` a
+    number or a 0-d tensor."""
+    if isinstance(value, Tensor):
+        return t.add_(a.mul(scalar_like(value, a)).mul(b))
+    return t.addcmul_(a, b, value=value)
 
 
 def check_lr(lr) -> None:

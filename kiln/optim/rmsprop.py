@@ -6,10 +6,12 @@ from kiln import creation
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
+    addcmul_scaled_,
     check_differentiable,
     check_lr,
     eval_closure,
     group_lr,
+    hyper,
     is_capturable,
     scalar_like,
     step_no_grad,
@@ -22,8 +24,8 @@ class RMSprop(Optimizer):
     """RMSprop as PyTorch's single-tensor implementation.
 
     State: ``step``, ``square_avg``, plus ``momentum_buffer`` (momentum > 0) and ``grad_avg``
-    (centered).  ``capturable=True`` (and tracing by ``kiln.compile``) reads ``lr`` through
-    ``hyper``, so it may be a tensor.
+    (centered).  ``capturable=True`` (and tracing by ``kiln.compile``) reads ``lr``, ``alpha``
+    and ``momentum`` through ``hyper``, so they may be tensors.
     """
 
     def __init__(self, params, lr=1e-2, alpha: float = 0.99, eps: float = 1e-8,
@@ -53,11 +55,15 @@ class RMSprop(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = group_lr(group, is_capturable(group))
-            alpha = group["alpha"]
+            cap = is_capturable(group)
+            lr = group_lr(group, cap)
+            alpha = hyper(group, "alpha") if cap else group["alpha"]
             eps = group["eps"]
             weight_decay = group["weight_decay"]
             momentum = group["momentum"]
+            has_momentum = momentum > 0  # decides the structure (compiled: guarded)
+            if cap and has_momentum:
+                momentum = hyper(group, "momentum")
             centered = group["centered"]
             maximize = group["maximize"]
             one_minus_alpha = 1 - alpha
@@ -69,7 +75,7 @@ class RMSprop(Optimizer):
                 if len(state) == 0:
                     state["step"] = creation.zeros(())
                     state["square_avg"] = creation.zeros_like(p)
-                    if momentum > 0:
+                    if has_momentum:
                         state["momentum_buffer"] = creation.zeros_like(p)
                     if centered:
                         state["grad_avg"] = creation.zeros_like(p)
@@ -79,17 +85,18 @@ class RMSprop(Optimizer):
                 if weight_decay != 0:
                     grad = grad.add(p, alpha=weight_decay)
                 square_avg = state["square_avg"]
-                square_avg.mul_(alpha).addcmul_(grad, grad, value=one_minus_alpha)
+                addcmul_scaled_(square_avg.mul_(scalar_like(alpha, square_avg)), grad, grad,
+                                one_minus_alpha)
                 if centered:
                     grad_avg = state["grad_avg"]
-                    grad_avg.lerp_(grad, one_minus_alpha)
+                    grad_avg.lerp_(grad, scalar_like(one_minus_alpha, grad_avg))
                     avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt()
                 else:
                     avg = square_avg.sqrt()
                 avg = avg.add(eps)
-                if momentum > 0:
+                if has_momentum:
                     buf = state["momentum_buffer"]
-                    buf.mul_(momentum).addcdiv_(grad, avg)
+                    buf.mul_(scalar_like(momentum, buf)).addcdiv_(grad, avg)
                     p.sub_(buf.mul(scalar_like(lr, buf)))
                 else:  # as addcdiv_(grad, avg, value=-lr), with lr possibly a tensor
                     p.sub_(grad.mul(scalar_like(lr, grad)).div(avg))

@@ -7,10 +7,12 @@ from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
+    add_scaled,
     check_differentiable,
     check_lr,
     eval_closure,
     group_lr,
+    hyper,
     is_capturable,
     scalar_like,
     step_no_grad,
@@ -24,7 +26,8 @@ class SGD(Optimizer):
     only when ``momentum != 0``.
 
     ``capturable=True`` (a kiln extension; PyTorch's SGD has no such flag) takes the path
-    ``kiln.compile`` traces: the learning rate is read through ``hyper`` as a tensor.
+    ``kiln.compile`` traces: the learning rate and momentum are read through ``hyper`` as
+    tensors.
 
     >>> import kiln
     >>> w = kiln.tensor([1.0, 2.0], requires_grad=True)
@@ -62,13 +65,17 @@ class SGD(Optimizer):
         loss = eval_closure(closure)
         state_of = self.state
         for group in self.param_groups:
-            lr = group_lr(group, is_capturable(group))
+            cap = is_capturable(group)
+            lr = group_lr(group, cap)
             weight_decay = group["weight_decay"]
             momentum = group["momentum"]
+            has_momentum = momentum != 0  # decides the structure (compiled: guarded)
+            if cap and has_momentum:
+                momentum = hyper(group, "momentum")
             dampening = group["dampening"]
             nesterov = group["nesterov"]
             maximize = group["maximize"]
-            native = (not maximize and STATE.tracer is None and not is_capturable(group)
+            native = (not maximize and STATE.tracer is None and not cap
                       and all(type(v) in (float, int) for v in (lr, weight_decay, momentum,
                                                                 dampening))
                       and jit.available())
@@ -83,7 +90,7 @@ class SGD(Optimizer):
                     grad = _ew.neg(grad)
                 if weight_decay != 0:
                     grad = grad.add(p, alpha=weight_decay)
-                if momentum != 0:
+                if has_momentum:
                     state = state_of[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
@@ -92,9 +99,9 @@ class SGD(Optimizer):
                         buf = grad.detach().clone() if grad is p.grad else grad
                         state["momentum_buffer"] = buf
                     else:
-                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                        buf.mul_(scalar_like(momentum, buf)).add_(grad, alpha=1 - dampening)
                     if nesterov:
-                        grad = grad.add(buf, alpha=momentum)
+                        grad = add_scaled(grad, buf, momentum)
                     else:
                         grad = buf
                 # lr is a float or (capturable) a 0-d tensor, so it is multiplied, not an attr;

@@ -262,18 +262,109 @@ def test_lr_scheduler_needs_no_recompile(opt, sched, monkeypatch):
     assert len(fast.entries) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="OneCycleLR's default cycle_momentum changes momentum "
-                   "(SGD) or betas (Adam) every step; optimizers read those as Python floats, "
-                   "so each change recompiles (they would need lifting like lr)")
-def test_onecycle_cycling_momentum_needs_no_recompile(monkeypatch):
+# OneCycleLR's default cycle_momentum changes momentum (SGD, RMSprop) or beta1 (Adam) at every
+# step: those are read at every call like lr, so nothing recompiles
+@pytest.mark.parametrize("opt", ["sgd_momentum", "sgd_nesterov", "adam", "adamw",
+                                 "adam_amsgrad", "rmsprop_momentum"])
+def test_onecycle_cycling_momentum_needs_no_recompile(opt, monkeypatch):
     def sched(o):
-        return kiln.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=12)
+        return kiln.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=14)
+
+    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=14,
+                  scheduler=sched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=14,
+                     scheduler=sched)
+    assert_same(eager, comp, f"{opt}/onecycle momentum")
+    fast = comp[2]
+    assert len(fast.history) == 1 and len(fast.entries) == 1, fast.history
+    lifted = {n.name for n in fast.graph().inputs if n.kind == "lifted"}
+    assert lifted >= ({"lr", "betas[0]", "betas[1]"} if "adam" in opt else {"lr", "momentum"})
+
+
+def _set_each_step(values: dict):
+    """A scheduler stand-in that sets ``group[key] = values[key][i]`` before step i + 1."""
+
+    class Setter:
+        def __init__(self, o):
+            self.o, self.i = o, 0
+            self._apply()
+
+        def _apply(self):
+            for g in self.o.param_groups:
+                for k, v in values.items():
+                    g[k] = v[min(self.i, len(v) - 1)]
+
+        def step(self):
+            self.i += 1
+            self._apply()
+
+    return Setter
+
+
+SETTINGS = {  # optimizer -> per-step values of the settings changed between compiled steps
+    "sgd_momentum": {"momentum": [0.9, 0.8, 0.7, 0.95, 0.5, 0.99] * 2},
+    "sgd_nesterov": {"momentum": [0.9, 0.8, 0.7, 0.95, 0.5, 0.99] * 2},
+    "adam": {"betas": [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999)] * 3},
+    "adamw": {"betas": [(0.9, 0.999), (0.85, 0.98), (0.5, 0.9), (0.7, 0.5)] * 3},
+    "rmsprop_momentum": {"momentum": [0.9, 0.5, 0.8] * 4, "alpha": [0.99, 0.9, 0.5] * 4},
+    "rmsprop_centered": {"alpha": [0.99, 0.9, 0.5, 0.7] * 3},
+}
+
+
+@pytest.mark.parametrize("opt", list(SETTINGS))
+def test_changing_momentum_betas_alpha_replays_one_graph(opt, monkeypatch):
+    """Settings changed by hand between steps take effect in the compiled step without a
+    recompile, with eager's float32 roundings."""
+    sched = _set_each_step(SETTINGS[opt])
+    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=12,
+                  scheduler=sched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=12,
+                     scheduler=sched)
+    assert_same(eager, comp, f"{opt} changed settings")
+    assert len(comp[2].history) == 1, comp[2].history
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "rmsprop_momentum"])
+def test_momentum_to_zero_recompiles_with_reason(opt, monkeypatch):
+    """Whether momentum is zero decides whether a momentum buffer is used: 0.9 -> 0.85 replays
+    the graph, 0.85 -> 0 recompiles and names momentum, and both graphs match eager."""
+    sched = _set_each_step({"momentum": [0.9] * 4 + [0.85] * 4 + [0.0] * 4 + [0.8] * 3})
+    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=15,
+                  scheduler=sched)
+    comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=15,
+                 scheduler=sched)
+    assert_same(eager, comp, f"{opt} momentum to 0")
+    fast = comp[2]
+    assert len(fast.history) == 2 and len(fast.entries) == 2, fast.history
+    assert "optimizer setting 'momentum' changed 0.9 -> 0.0" in fast.history[1], fast.history
+    assert comp[3][8] == 2  # the step at momentum 0 recompiled; back at 0.8 the first graph
+
+
+def test_lifted_settings_keep_strict_mode_quiet(monkeypatch):
+    """strict=True raises on a recompile: cycling betas must not cause one."""
+    from kiln.graph.compiled import RecompileError
 
     s = _make("example_mlp", monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        comp = train(s, OPTIMIZERS["sgd_momentum"], True, steps=12, scheduler=sched)
-    assert len(comp[2].history) == 1, comp[2].history
+    opt = kiln.optim.Adam(s.params, lr=1e-2)
+
+    @functools.partial(kiln.compile, strict=True)
+    def step(x, y):
+        opt.zero_grad()
+        loss = s.loss(x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(6):
+        opt.param_groups[0]["betas"] = (0.9 - 0.05 * i, 0.999 - 0.01 * i)
+        step(*s.batches[i % len(s.batches)])
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(RecompileError, match="'amsgrad' changed False -> True"):
+        step(*s.batches[0])
 
 
 # -- an optimizer step compiled alone, backward outside --------------------------------------
