@@ -1,4 +1,4 @@
-"""Compile llvmlite IR modules to machine code for this CPU (once per module, kept for the process)."""
+"""Compile llvmlite IR modules to machine code for this CPU (kept for the life of the process)."""
 
 from __future__ import annotations
 

@@ -69,21 +69,39 @@ def _build_pool(name, H, W, Ho, Wo, kernel, stride, padding, dilation, modes):
     return {mode: fns[f"{name}_{mode}"] for mode in modes}
 
 
-def _emit_pool(mod, name, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
-    pf, pi = F32.as_pointer(), I64.as_pointer()
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, pf, pf, pi]), name)
-    start, stop, x, val, idx = fn.args
-    for a in (x, val, idx):
+def _plane_kernel(mod, name, pointer_types, body) -> None:
+    """``name(start, stop, *pointers)``: ``body(b, plane, *pointers)`` for each plane in
+    [start, stop) (the pointers are noalias: every kernel writes arrays it does not read)."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, *pointer_types]), name)
+    start, stop, *ptrs = fn.args
+    for a in ptrs:
         a.add_attribute("noalias")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    body = fn.append_basic_block("plane")
+    loop = fn.append_basic_block("plane")
     done = fn.append_basic_block("done")
     entry = b.block
-    b.cbranch(b.icmp_signed("<", start, stop), body, done)
-    b.position_at_end(body)
+    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
+    b.position_at_end(loop)
     plane = b.phi(I64)
     plane.add_incoming(start, entry)
+    body(b, plane, *ptrs)
+    nxt = b.add(plane, _c(1))
+    plane.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+
+
+def _emit_pool(mod, name, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
+    pf, pi = F32.as_pointer(), I64.as_pointer()
+    _plane_kernel(mod, name, (pf, pf, pi),
+                  lambda b, plane, x, val, idx: _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo,
+                                                            kernel, stride, padding, dilation,
+                                                            mode))
+
+
+def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     xp = b.gep(x, [b.mul(plane, _c(H * W))])
     vp = b.gep(val, [b.mul(plane, _c(Ho * Wo))])
     ip = b.gep(idx, [b.mul(plane, _c(Ho * Wo))])
@@ -137,11 +155,6 @@ def _emit_pool(mod, name, H, W, Ho, Wo, kernel, stride, padding, dilation, mode)
             if r1 > r0 and c1 > c0:
                 _for(b, r0, r1, lambda ho, c0=c0, c1=c1, ch=ch, cw=cw: _for(
                     b, c0, c1, lambda wo: window(b, ho, wo, ch, cw)))
-    nxt = b.add(plane, _c(1))
-    plane.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, stop), body, done)
-    b.position_at_end(done)
-    b.ret_void()
 
 
 def max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, mode="values"):
@@ -175,18 +188,14 @@ def _ptr(a):
 def _build_scatter(name, HW, L):
     mod = engine.new_module(name)
     pf, pi = F32.as_pointer(), I64.as_pointer()
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, pf, pi, pf, pi]), name)
-    start, stop, g, idx, out, bad = fn.args
-    for a in (g, idx, out, bad):
-        a.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    body = fn.append_basic_block("plane")
-    done = fn.append_basic_block("done")
-    entry = b.block
-    b.cbranch(b.icmp_signed("<", start, stop), body, done)
-    b.position_at_end(body)
-    plane = b.phi(I64)
-    plane.add_incoming(start, entry)
+    _plane_kernel(mod, name, (pf, pi, pf, pi),
+                  lambda b, plane, g, idx, out, bad: _scatter_plane(b, plane, g, idx, out, bad,
+                                                                    HW, L))
+    sig = (ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P)
+    return engine.compile_module(mod, {name: sig})[name]
+
+
+def _scatter_plane(b, plane, g, idx, out, bad, HW, L):
     op = b.gep(out, [b.mul(plane, _c(HW))])
     gp = b.gep(g, [b.mul(plane, _c(L))])
     ip = b.gep(idx, [b.mul(plane, _c(L))])
@@ -203,13 +212,6 @@ def _build_scatter(name, HW, L):
                 b.store(_c(1), bad)
 
     _for(b, 0, L, add)
-    nxt = b.add(plane, _c(1))
-    plane.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, stop), body, done)
-    b.position_at_end(done)
-    b.ret_void()
-    sig = (ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P)
-    return engine.compile_module(mod, {name: sig})[name]
 
 
 def pool_scatter(g, idx, in_hw):

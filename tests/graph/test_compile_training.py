@@ -262,6 +262,17 @@ def test_lr_scheduler_needs_no_recompile(opt, sched, monkeypatch):
     assert len(fast.entries) == 1
 
 
+def _eager_and_compiled(opt, sched, steps, monkeypatch):
+    """The same training run eager and compiled (where any recompile warning is an error)."""
+    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=steps,
+                  scheduler=sched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=steps,
+                     scheduler=sched)
+    return eager, comp
+
+
 # OneCycleLR's default cycle_momentum changes momentum (SGD, RMSprop) or beta1 (Adam) at every
 # step: those are read at every call like lr, so nothing recompiles
 @pytest.mark.parametrize("opt", ["sgd_momentum", "sgd_nesterov", "adam", "adamw",
@@ -270,12 +281,7 @@ def test_onecycle_cycling_momentum_needs_no_recompile(opt, monkeypatch):
     def sched(o):
         return kiln.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=14)
 
-    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=14,
-                  scheduler=sched)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=14,
-                     scheduler=sched)
+    eager, comp = _eager_and_compiled(opt, sched, 14, monkeypatch)
     assert_same(eager, comp, f"{opt}/onecycle momentum")
     fast = comp[2]
     assert len(fast.history) == 1 and len(fast.entries) == 1, fast.history
@@ -318,12 +324,7 @@ def test_changing_momentum_betas_alpha_replays_one_graph(opt, monkeypatch):
     """Settings changed by hand between steps take effect in the compiled step without a
     recompile, with eager's float32 roundings."""
     sched = _set_each_step(SETTINGS[opt])
-    eager = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], False, steps=12,
-                  scheduler=sched)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        comp = train(_make("example_mlp", monkeypatch), OPTIMIZERS[opt], True, steps=12,
-                     scheduler=sched)
+    eager, comp = _eager_and_compiled(opt, sched, 12, monkeypatch)
     assert_same(eager, comp, f"{opt} changed settings")
     assert len(comp[2].history) == 1, comp[2].history
 
