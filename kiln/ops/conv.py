@@ -76,6 +76,13 @@ def _rows_layout(C: int, kw: int, Wo: int, groups: int) -> bool:
     return groups == 1 and C * kw >= Wo
 
 
+def _native_gather(*arrays) -> bool:
+    """Whether kiln.jit's im2col kernels run: JIT on and every array float32."""
+    from kiln import jit
+
+    return jit.available() and all(a.dtype == np.float32 for a in arrays)
+
+
 def _nhwc_padded(x, pads):
     """A contiguous NHWC copy of ``x`` with padding, written in one pass."""
     pt, pb, pl, pr = pads
@@ -83,6 +90,12 @@ def _nhwc_padded(x, pads):
         x = _pad_hw(x, (min(pt, 0), min(pb, 0), min(pl, 0), min(pr, 0)))
         pt, pb, pl, pr = max(pt, 0), max(pb, 0), max(pl, 0), max(pr, 0)
     N, C, H, W = x.shape
+    if _native_gather(x) and x.flags.c_contiguous:
+        from kiln.jit import im2col
+
+        xp = np.empty((N, H + pt + pb, W + pl + pr, C), x.dtype)
+        im2col.nhwc_padded(xp, x, (pt, pb, pl, pr))
+        return xp
     if not (pt or pb or pl or pr):
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     xp = np.zeros((N, H + pt + pb, W + pl + pr, C), x.dtype)
@@ -105,11 +118,12 @@ def _cols_rows(x, kh, kw, stride, pads, dilation, Ho, Wo, ones=False):
     bias then rides along in the gemm instead of costing a pass over the output)."""
     N, C = x.shape[:2]
     K = kh * kw * C
-    if not ones:
+    if not ones and not _native_gather(x):
         return _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo).reshape(N * Ho * Wo, K)
-    cols = np.empty((N * Ho * Wo, K + 1), x.dtype)
+    cols = np.empty((N * Ho * Wo, K + ones), x.dtype)
     _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo)
-    cols[:, K] = 1
+    if ones:
+        cols[:, K] = 1
     return cols
 
 
@@ -140,6 +154,11 @@ def _cols_planes(x, kh, kw, stride, pads, dilation, Ho, Wo, groups, ones=False):
 def _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo):
     """``_cols_rows`` gathered into the first kh*kw*C columns of ``cols`` (N*Ho*Wo, >= K)."""
     C = x.shape[1]
+    if _native_gather(x, cols) and cols.strides[1] == 4 and cols.strides[0] % 4 == 0:
+        from kiln.jit import im2col
+
+        im2col.gather_rows(cols, _nhwc_padded(x, pads), kh, kw, stride, dilation, Ho, Wo)
+        return
     win = _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo)
     it, r = cols.itemsize, cols.strides[0]
     np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
@@ -178,9 +197,20 @@ def _corr_rows(x, wk, pads, s1, dilation, bias=None, out=None):
     Wo = (Wp - d1 * (kw - 1) - 1) // s1 + 1
     a, b, c, e = xp.strides
     U = np.empty((N, Hp, Wo, kw, C), x.dtype)
-    np.copyto(U, as_strided(xp, U.shape, (a, b, c * s1, c * d1, e), writeable=False))
+    native = _native_gather(x, wk) and (bias is None or bias.dtype == np.float32)
+    if native:
+        from kiln.jit import im2col
+
+        im2col.gather_rows(U.reshape(N * Hp * Wo, kw * C), xp, 1, kw, (1, s1), dilation, Hp, Wo)
+    else:
+        np.copyto(U, as_strided(xp, U.shape, (a, b, c * s1, c * d1, e), writeable=False))
     Y = (U.reshape(N * Hp * Wo, kw * C) @ wk.transpose(3, 1, 2, 0).reshape(kw * C, kh * O))
     Y = Y.reshape(N, Hp, Wo, kh, O)
+    if native and (out is None or out.flags.c_contiguous and out.dtype == np.float32):
+        if out is None:
+            out = np.empty((N, O, Ho, Wo), Y.dtype)
+        im2col.corr_rows_sum(out, Y, bias, d0)
+        return out
     acc = np.empty((N, Ho, Wo, O), Y.dtype)
     if bias is None:
         np.copyto(acc, Y[:, 0:Ho, :, 0])
