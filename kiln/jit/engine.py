@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import threading
 
@@ -20,6 +21,32 @@ I8 = ir.IntType(8)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 PTR_F32 = F32.as_pointer()
+
+
+# Kernels compiled per array shape (pooling, convolution gathers) cost 20-200 ms each and stay
+# in memory: after this many shapes, new shapes keep the numpy path.
+SHAPE_KERNELS = 48
+
+
+def shape_kernel(cache: dict, key, build):
+    """``cache[key]``, built by ``build()`` on first use; None (use numpy) when ``key`` is new
+    and ``cache`` already holds SHAPE_KERNELS kernels."""
+    k = cache.get(key)
+    if k is None:
+        if len(cache) >= SHAPE_KERNELS:
+            return None
+        k = cache[key] = build()
+    return k
+
+
+def _after_fork() -> None:
+    # a fork during another thread's compile would leave the child's lock held forever
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def target_machine():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
@@ -60,32 +62,34 @@ def _copy(b, dst, src, d0, s0, n: int, sstep: int) -> None:
 
 
 def _compiled(key, name, emit, n_ptrs: int):
-    """The cached kernel ``name(start, stop, *pointers)`` whose per-image body ``emit`` builds."""
-    fn = _cache.get(key)
-    if fn is None:
-        mod = engine.new_module(name)
-        f = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64] + [_PF] * n_ptrs), name)
-        start, stop, *ptrs = f.args
-        b = ir.IRBuilder(f.append_basic_block("entry"))
-        loop = f.append_basic_block("image")
-        done = f.append_basic_block("done")
-        entry = b.block
-        b.cbranch(b.icmp_signed("<", start, stop), loop, done)
-        b.position_at_end(loop)
-        n = b.phi(I64)
-        n.add_incoming(start, entry)
-        emit(b, n, *ptrs)
-        nxt = b.add(n, _c(1))
-        n.add_incoming(nxt, b.block)
-        b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
-        b.position_at_end(done)
-        b.ret_void()
-        sig = (ctypes.c_int64, ctypes.c_int64) + (_P,) * n_ptrs
-        fn = _cache[key] = engine.compile_module(mod, {name: sig})[name]
-    return fn
+    """The cached kernel ``name(start, stop, *pointers)`` whose per-image body ``emit`` builds,
+    or None when the shape budget is spent (engine.SHAPE_KERNELS)."""
+    return engine.shape_kernel(_cache, key, lambda: _build(name, emit, n_ptrs))
 
 
-def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> None:
+def _build(name, emit, n_ptrs: int):
+    mod = engine.new_module(name)
+    f = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64] + [_PF] * n_ptrs), name)
+    start, stop, *ptrs = f.args
+    b = ir.IRBuilder(f.append_basic_block("entry"))
+    loop = f.append_basic_block("image")
+    done = f.append_basic_block("done")
+    entry = b.block
+    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
+    b.position_at_end(loop)
+    n = b.phi(I64)
+    n.add_incoming(start, entry)
+    emit(b, n, *ptrs)
+    nxt = b.add(n, _c(1))
+    n.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    sig = (ctypes.c_int64, ctypes.c_int64) + (_P,) * n_ptrs
+    return engine.compile_module(mod, {name: sig})[name]
+
+
+def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> bool:
     """``cols[(n, ho, wo), (i, j, c)] = xp[n, ho*s0 + i*d0, wo*s1 + j*d1, c]`` for the first
     kh*kw*C columns of ``cols`` (N*Ho*Wo rows, unit column stride); ``xp`` is the padded NHWC
     input (contiguous)."""
@@ -105,12 +109,15 @@ def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> None:
                 run, 1)))))
 
     fn = _compiled(key, f"im2col_rows_{len(_cache)}", emit, 2)
+    if fn is None:
+        return False
     if N and Ho * Wo:
         parallel.run(fn, N, (cols.ctypes.data, xp.ctypes.data),
                      work_per_item=Ho * Wo * kh * kw * C)
+    return True
 
 
-def corr_rows_sum(out, Y, bias, d0: int) -> None:
+def corr_rows_sum(out, Y, bias, d0: int) -> bool:
     """``out[n, o, ho, wo] = (Y[n, ho, wo, 0, o] + bias[o]) + Y[n, ho + d0, wo, 1, o] + ...``
     summed left to right (no bias term when ``bias`` is None): the shifted row sums of
     ``_corr_rows``, written NCHW.  ``Y`` is (N, Hp, Wo, kh, O), ``out`` (N, O, Ho, Wo), both
@@ -137,13 +144,18 @@ def corr_rows_sum(out, Y, bias, d0: int) -> None:
         _for(b, Ho, lambda ho: _for(b, Wo, lambda wo: _for(b, O, lambda o: one(ho, wo, o))))
 
     fn = _compiled(key, f"corr_rows_sum_{len(_cache)}", emit, 3)
+    if fn is None:
+        return False
+    if bias is not None:
+        bias = np.ascontiguousarray(bias)  # the kernel reads O consecutive floats
     if N and out.size:
         parallel.run(fn, N, (out.ctypes.data, Y.ctypes.data,
                              None if bias is None else bias.ctypes.data),
                      work_per_item=Ho * Wo * O * kh)
+    return True
 
 
-def nhwc_padded(xp, x, pads) -> None:
+def nhwc_padded(xp, x, pads) -> bool:
     """``xp[n, pt + h, pl + w, c] = x[n, c, h, w]``, zero elsewhere: the padded channels-last
     copy of a contiguous NCHW ``x`` into ``xp`` (N, H + pt + pb, W + pl + pr, C); pads >= 0."""
     N, C, H, W = x.shape
@@ -171,5 +183,8 @@ def nhwc_padded(xp, x, pads) -> None:
         _for(b, H, row)
 
     fn = _compiled(key, f"nhwc_{len(_cache)}", emit, 2)
+    if fn is None:
+        return False
     if N and xp.size:
         parallel.run(fn, N, (xp.ctypes.data, x.ctypes.data), work_per_item=Hp * Wp * C)
+    return True

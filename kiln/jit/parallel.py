@@ -102,8 +102,14 @@ def run(fn, n: int, args: tuple, work_per_item: int = 1, align: int = 1) -> None
         fn(bounds[0][0], bounds[0][1], *args)
     except BaseException as e:
         error = e
-    for _ in workers:
-        r = done.get()
+    pending = len(workers)
+    while pending:  # every worker must finish before the caller may free the arrays it writes
+        try:
+            r = done.get()
+        except BaseException as e:  # KeyboardInterrupt: keep waiting, raise it afterwards
+            error = error or e
+            continue
+        pending -= 1
         if r is not None and error is None:
             error = r
     if error is not None:

@@ -160,15 +160,15 @@ def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, di
 def max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, mode="values"):
     """Window maxima (``mode`` 'values'), their plane indices ('indices') or both (a tuple) of
     ``x`` (float32, NCHW) for an ``(Ho, Wo)`` output; padding is symmetric, and ceil mode's
-    overhang is implied by ``(Ho, Wo)``."""
+    overhang is implied by ``(Ho, Wo)``. None when the shape budget is spent."""
     N, C, H, W = x.shape
     modes = _GROUPS[mode]
     key = ("pool", H, W, Ho, Wo, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
            modes)
-    fns = _cache.get(key)
+    fns = engine.shape_kernel(_cache, key, lambda: _build_pool(
+        f"max_pool_{len(_cache)}", H, W, Ho, Wo, kernel, stride, padding, dilation, modes))
     if fns is None:
-        fns = _cache[key] = _build_pool(f"max_pool_{len(_cache)}", H, W, Ho, Wo, kernel, stride,
-                                        padding, dilation, modes)
+        return None
     fn = fns[mode]
     x = np.ascontiguousarray(x)
     val = np.empty((N, C, Ho, Wo), np.float32) if mode != "indices" else None
@@ -223,9 +223,10 @@ def pool_scatter(g, idx, in_hw):
     N, C = g.shape[:2]
     HW, L = in_hw[0] * in_hw[1], math.prod(g.shape[2:])
     key = ("scatter", HW, L)
-    fn = _cache.get(key)
+    fn = engine.shape_kernel(_cache, key,
+                             lambda: _build_scatter(f"pool_scatter_{len(_cache)}", HW, L))
     if fn is None:
-        fn = _cache[key] = _build_scatter(f"pool_scatter_{len(_cache)}", HW, L)
+        return None
     g = np.ascontiguousarray(g)
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     out = np.empty((N, C) + tuple(in_hw), np.float32)

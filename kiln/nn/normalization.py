@@ -99,8 +99,8 @@ def _ln_moments(x2: np.ndarray, eps: float):
 
 
 def _layer_norm_fast(x2, params, eps, has_weight, has_bias):
-    """``(x - mean) * rstd * w + b`` from the one-pass statistics, in place (float32: one
-    native pass per row when kiln.jit is available)."""
+    """``(x - mean) * rstd * w + b`` from the one-pass statistics, in place (float32 with
+    kiln.jit: its native row kernel instead, with two-pass statistics)."""
     if x2.dtype == np.float32 and jit.available():
         from kiln.jit import rows
         d = x2.shape[1]

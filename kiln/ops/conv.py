@@ -94,8 +94,8 @@ def _nhwc_padded(x, pads):
         from kiln.jit import im2col
 
         xp = np.empty((N, H + pt + pb, W + pl + pr, C), x.dtype)
-        im2col.nhwc_padded(xp, x, (pt, pb, pl, pr))
-        return xp
+        if im2col.nhwc_padded(xp, x, (pt, pb, pl, pr)):
+            return xp
     if not (pt or pb or pl or pr):
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     xp = np.zeros((N, H + pt + pb, W + pl + pr, C), x.dtype)
@@ -157,8 +157,8 @@ def _cols_rows_into(cols, x, kh, kw, stride, pads, dilation, Ho, Wo):
     if _native_gather(x, cols) and cols.strides[1] == 4 and cols.strides[0] % 4 == 0:
         from kiln.jit import im2col
 
-        im2col.gather_rows(cols, _nhwc_padded(x, pads), kh, kw, stride, dilation, Ho, Wo)
-        return
+        if im2col.gather_rows(cols, _nhwc_padded(x, pads), kh, kw, stride, dilation, Ho, Wo):
+            return
     win = _row_windows(x, kh, kw, stride, pads, dilation, Ho, Wo)
     it, r = cols.itemsize, cols.strides[0]
     np.copyto(as_strided(cols, win.shape, (Ho * Wo * r, Wo * r, r, kw * C * it, C * it, it)),
@@ -201,16 +201,16 @@ def _corr_rows(x, wk, pads, s1, dilation, bias=None, out=None):
     if native:
         from kiln.jit import im2col
 
-        im2col.gather_rows(U.reshape(N * Hp * Wo, kw * C), xp, 1, kw, (1, s1), dilation, Hp, Wo)
-    else:
+        native = im2col.gather_rows(U.reshape(N * Hp * Wo, kw * C), xp, 1, kw, (1, s1),
+                                    dilation, Hp, Wo)
+    if not native:
         np.copyto(U, as_strided(xp, U.shape, (a, b, c * s1, c * d1, e), writeable=False))
     Y = (U.reshape(N * Hp * Wo, kw * C) @ wk.transpose(3, 1, 2, 0).reshape(kw * C, kh * O))
     Y = Y.reshape(N, Hp, Wo, kh, O)
     if native and (out is None or out.flags.c_contiguous and out.dtype == np.float32):
-        if out is None:
-            out = np.empty((N, O, Ho, Wo), Y.dtype)
-        im2col.corr_rows_sum(out, Y, bias, d0)
-        return out
+        target = np.empty((N, O, Ho, Wo), Y.dtype) if out is None else out
+        if im2col.corr_rows_sum(target, Y, bias, d0):
+            return target
     acc = np.empty((N, Ho, Wo, O), Y.dtype)
     if bias is None:
         np.copyto(acc, Y[:, 0:Ho, :, 0])
@@ -819,8 +819,8 @@ def _max_tiles_index(x, kernel, Ho, Wo, nan_aware):
 _POOL_ATTRS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
 
 
-# kiln.jit's pooling kernels unroll the window: larger windows would take seconds to compile
-_NATIVE_POOL_TAPS = 64
+# kiln.jit's pooling kernels unroll the window: an 8x8 window takes ~1.7 s to compile
+_NATIVE_POOL_TAPS = 16
 
 
 def _native_max_pool(x, kernel, stride, padding, dilation, ceil_mode, mode):

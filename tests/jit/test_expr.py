@@ -190,3 +190,49 @@ def test_kernels_run_in_a_forked_child():
             "    o[:] = 0; k([o], [x]); os._exit(0 if o.min() == o.max() > 2.7 else 1)\n"
             "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
     assert _python(code) == "0"
+
+
+def test_parallel_run_waits_for_workers_when_interrupted(monkeypatch):
+    """A KeyboardInterrupt while waiting must not return before the workers stop writing."""
+    import threading
+    import time
+
+    finished = []
+
+    def fn(start, stop):
+        if start > 0:
+            time.sleep(0.2)
+            finished.append(stop)
+
+    real_get = parallel.queue.SimpleQueue.get
+    calls = []
+
+    class InterruptOnce(parallel.queue.SimpleQueue):
+        def get(self, *a, **k):
+            if not calls:
+                calls.append(1)
+                raise KeyboardInterrupt
+            return real_get(self, *a, **k)
+
+    monkeypatch.setattr(parallel.queue, "SimpleQueue", InterruptOnce)
+    before = parallel.num_threads()
+    parallel.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parallel.run(fn, 1 << 21, ())
+    finally:
+        parallel.set_num_threads(before)
+    assert finished == [1 << 21]
+    assert threading.active_count() >= 1
+
+
+def test_llvm_that_cannot_start_means_no_jit():
+    code = ("import kiln.jit as j, kiln.jit.engine as e\n"
+            "def broken(): raise OSError('no libllvmlite')\n"
+            "e.target_machine = broken\n"
+            "import kiln, numpy as np\n"
+            "y = kiln.nn.functional.gelu(kiln.linspace(-3, 3, 7))\n"
+            "print(j.available(), y.tolist())\n")
+    without = _python(code.replace("print(j.available(), ", "print(False, "), KILN_JIT="0")
+    assert _python(code) == without
+    assert without.startswith("False [")

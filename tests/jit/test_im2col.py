@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("llvmlite")
 
+import kiln  # noqa: E402
 from kiln import jit  # noqa: E402
 from kiln.ops import conv  # noqa: E402
 
@@ -178,3 +179,33 @@ def test_native_kernels_run(monkeypatch):
     _prims(_data((2, 1, 12, 12)), _data((4, 1, 5, 5)), None, _data((4,)), (1, 1),
            (2, 2, 2, 2), (1, 1), 1)
     assert set(calls) == {"gather_rows", "corr_rows_sum", "nhwc_padded"}
+
+
+@pytest.mark.parametrize("make_bias", [
+    lambda: kiln.tensor(np.arange(12, dtype=np.float32))[::2],  # strided
+    lambda: kiln.tensor([3.0]).expand(6),                        # stride 0
+])
+def test_conv2d_with_a_non_contiguous_bias(make_bias, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = kiln.tensor(rng.standard_normal((2, 8, 10, 10)).astype(np.float32))
+    w = kiln.tensor(rng.standard_normal((6, 8, 3, 3)).astype(np.float32))
+    bias = make_bias()
+    got = kiln.nn.functional.conv2d(x, w, bias, padding=1).numpy()
+    want = kiln.nn.functional.conv2d(x, w, kiln.tensor(bias.numpy().copy()), padding=1).numpy()
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(kiln.jit, "_available", False)
+    np.testing.assert_array_equal(got, kiln.nn.functional.conv2d(x, w, bias, padding=1).numpy())
+
+
+def test_new_shapes_use_numpy_once_the_shape_budget_is_spent(monkeypatch):
+    from kiln.jit import engine, im2col
+
+    monkeypatch.setattr(engine, "SHAPE_KERNELS", 0)
+    monkeypatch.setattr(im2col, "_cache", {})
+    rng = np.random.default_rng(6)
+    x = kiln.tensor(rng.standard_normal((2, 3, 9, 11)).astype(np.float32))
+    w = kiln.tensor(rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    got = kiln.nn.functional.conv2d(x, w, padding=1).numpy()
+    assert im2col._cache == {}
+    monkeypatch.setattr(kiln.jit, "_available", False)
+    np.testing.assert_array_equal(got, kiln.nn.functional.conv2d(x, w, padding=1).numpy())

@@ -209,3 +209,20 @@ def test_large_windows_use_the_numpy_path_instead_of_a_huge_kernel(monkeypatch):
     want = torch.nn.functional.max_pool2d(torch.tensor(x), (60, 80), stride=10,
                                           padding=(10, 20), dilation=2)
     np.testing.assert_array_equal(y.numpy(), want.numpy())
+
+
+def test_pooling_new_shapes_use_numpy_once_the_shape_budget_is_spent(monkeypatch):
+    from kiln.jit import engine
+
+    monkeypatch.setattr(engine, "SHAPE_KERNELS", 0)
+    monkeypatch.setattr(pool, "_cache", {})
+    x = np.random.default_rng(7).standard_normal((2, 3, 9, 7)).astype(np.float32)
+    t = kiln.tensor(x, requires_grad=True)
+    y = kiln.nn.functional.max_pool2d(t, 2)
+    y.sum().backward()
+    assert pool._cache == {}
+    tt = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.max_pool2d(tt, 2)
+    want.sum().backward()
+    np.testing.assert_array_equal(y.detach().numpy(), want.detach().numpy())
+    np.testing.assert_array_equal(t.grad.numpy(), tt.grad.numpy())
