@@ -77,6 +77,32 @@ def intrinsic(mod: ir.Module, name: str, ret, args) -> ir.Function:
     return ir.Function(mod, ir.FunctionType(ret, args), name)
 
 
+def range_function(mod: ir.Module, name: str, pointer_types, body, noalias: bool = False):
+    """Define ``void name(i64 start, i64 stop, *pointers)`` running ``body(builder, i,
+    *pointers)`` for each ``i`` in [start, stop) (a plane, an image, a row: the unit that
+    parallel.run splits). ``noalias``: the kernel never writes an array it reads."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, *pointer_types]), name)
+    start, stop, *ptrs = fn.args
+    if noalias:
+        for a in ptrs:
+            a.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    loop = fn.append_basic_block("item")
+    done = fn.append_basic_block("done")
+    entry = b.block
+    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(start, entry)
+    body(b, i, *ptrs)
+    nxt = b.add(i, ir.Constant(I64, 1))
+    i.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
 def _wide_vectors(text: str) -> str:
     """Let the loop vectorizer use 512-bit registers on AVX-512 CPUs (LLVM prefers 256 there)."""
     if "+avx512f" not in llvm.get_host_cpu_features().flatten():

@@ -69,22 +69,7 @@ def _compiled(key, name, emit, n_ptrs: int):
 
 def _build(name, emit, n_ptrs: int):
     mod = engine.new_module(name)
-    f = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64] + [_PF] * n_ptrs), name)
-    start, stop, *ptrs = f.args
-    b = ir.IRBuilder(f.append_basic_block("entry"))
-    loop = f.append_basic_block("image")
-    done = f.append_basic_block("done")
-    entry = b.block
-    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
-    b.position_at_end(loop)
-    n = b.phi(I64)
-    n.add_incoming(start, entry)
-    emit(b, n, *ptrs)
-    nxt = b.add(n, _c(1))
-    n.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
-    b.position_at_end(done)
-    b.ret_void()
+    engine.range_function(mod, name, [_PF] * n_ptrs, emit)
     sig = (ctypes.c_int64, ctypes.c_int64) + (_P,) * n_ptrs
     return engine.compile_module(mod, {name: sig})[name]
 

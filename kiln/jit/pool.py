@@ -69,35 +69,13 @@ def _build_pool(name, H, W, Ho, Wo, kernel, stride, padding, dilation, modes):
     return {mode: fns[f"{name}_{mode}"] for mode in modes}
 
 
-def _plane_kernel(mod, name, pointer_types, body) -> None:
-    """``name(start, stop, *pointers)``: ``body(b, plane, *pointers)`` for each plane in
-    [start, stop) (the pointers are noalias: every kernel writes arrays it does not read)."""
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, *pointer_types]), name)
-    start, stop, *ptrs = fn.args
-    for a in ptrs:
-        a.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    loop = fn.append_basic_block("plane")
-    done = fn.append_basic_block("done")
-    entry = b.block
-    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
-    b.position_at_end(loop)
-    plane = b.phi(I64)
-    plane.add_incoming(start, entry)
-    body(b, plane, *ptrs)
-    nxt = b.add(plane, _c(1))
-    plane.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
-    b.position_at_end(done)
-    b.ret_void()
-
-
 def _emit_pool(mod, name, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
     pf, pi = F32.as_pointer(), I64.as_pointer()
-    _plane_kernel(mod, name, (pf, pf, pi),
-                  lambda b, plane, x, val, idx: _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo,
-                                                            kernel, stride, padding, dilation,
-                                                            mode))
+    engine.range_function(
+        mod, name, (pf, pf, pi),
+        lambda b, plane, x, val, idx: _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel,
+                                                  stride, padding, dilation, mode),
+        noalias=True)
 
 
 def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
@@ -188,9 +166,10 @@ def _ptr(a):
 def _build_scatter(name, HW, L):
     mod = engine.new_module(name)
     pf, pi = F32.as_pointer(), I64.as_pointer()
-    _plane_kernel(mod, name, (pf, pi, pf, pi),
-                  lambda b, plane, g, idx, out, bad: _scatter_plane(b, plane, g, idx, out, bad,
-                                                                    HW, L))
+    engine.range_function(
+        mod, name, (pf, pi, pf, pi),
+        lambda b, plane, g, idx, out, bad: _scatter_plane(b, plane, g, idx, out, bad, HW, L),
+        noalias=True)
     sig = (ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P)
     return engine.compile_module(mod, {name: sig})[name]
 
