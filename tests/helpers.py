@@ -382,6 +382,13 @@ def assert_close_scaled(got, want, rtol: float = 1e-5) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
+def assert_outputs_close(got, want, rtol: float = 1e-5) -> None:
+    """As many outputs as expected, each within ``assert_close_scaled``."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close_scaled(g, w, rtol)
+
+
 def example_module(name: str):
     """examples/<name>.py imported as a module (once per process)."""
     import importlib.util

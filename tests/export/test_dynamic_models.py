@@ -11,7 +11,7 @@ import kiln
 from kiln import nn
 from kiln.export import export, load_exported
 from kiln.nn import attention
-from tests.helpers import assert_close_scaled, example_module, flat_arrays, workload_forward
+from tests.helpers import assert_outputs_close, example_module, flat_arrays, workload_forward
 
 
 
@@ -23,9 +23,7 @@ def _check(model, example, inputs, tmp_path, dim="batch"):
         with kiln.no_grad():
             want = flat_arrays(model(x))
         got = flat_arrays(prog(x))
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_close_scaled(g, w)
+        assert_outputs_close(got, want)
     return prog
 
 

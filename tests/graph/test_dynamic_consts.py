@@ -17,21 +17,7 @@ from kiln.graph.ir import Graph
 from kiln.graph.symbolic import CannotUnify, Sym
 from kiln.graph.unify import unify
 from kiln.nn import attention
-
-RTOL = 1e-5
-
-
-def _close(got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    tol = RTOL * max(1.0, float(np.max(np.abs(want), initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
-
-
-def _flat(obj):
-    if isinstance(obj, kiln.Tensor):
-        return [obj.numpy()]
-    return [a for x in obj for a in _flat(x)]
+from tests.helpers import assert_close_scaled, assert_outputs_close, flat_arrays
 
 
 RNNS = {
@@ -50,10 +36,7 @@ def test_rnn_one_graph_for_every_batch(name, backend):
     with kiln.no_grad():
         for b in (5, 3, 8):
             x = kiln.randn(b, 7, 4)
-            got, want = _flat(f(x)), _flat(model(x))
-            assert len(got) == len(want)
-            for g, w in zip(got, want):
-                _close(g, w)
+            assert_outputs_close(flat_arrays(f(x)), flat_arrays(model(x)))
     assert len(f.entries) == 1 and f.entries[0].sizes == {"B": (5, 3)}
     assert len(f.history) == 2, f.history  # batch 8: no recompile
     assert "dimension 0 is now dynamic" in f.history[1]
@@ -86,9 +69,9 @@ def test_rnn_training_step_dynamic():
     eager, comp = step_of(m1, o1), kiln.compile(step_of(m2, o2), dynamic=True)
     for b in (5, 3, 8, 3):
         x = kiln.randn(b, 6, 3)
-        _close(comp(x).detach().numpy(), eager(x).detach().numpy())
+        assert_close_scaled(comp(x).detach().numpy(), eager(x).detach().numpy())
     for p, q in zip(m1.parameters(), m2.parameters()):
-        _close(q.detach().numpy(), p.detach().numpy())
+        assert_close_scaled(q.detach().numpy(), p.detach().numpy())
     assert len(comp.entries) == 1 and len(comp.history) == 2
 
 
@@ -135,7 +118,7 @@ def test_batch_dependent_constant_keeps_two_graphs():
     cf = kiln.compile(f)
     for b in (5, 3, 5, 3):
         x = kiln.randn(b, 2)
-        _close(cf(x).numpy(), f(x).numpy())
+        assert_close_scaled(cf(x).numpy(), f(x).numpy())
     assert len(cf.entries) == 2 and not any(e.sizes for e in cf.entries)
 
 
@@ -150,7 +133,7 @@ def test_cached_causal_mask_is_state():
     cf = kiln.compile(f, dynamic=True)
     for b in (5, 3, 8):
         q = kiln.randn(b, 2, 6, 4)
-        _close(cf(q).numpy(), f(q).numpy())
+        assert_close_scaled(cf(q).numpy(), f(q).numpy())
     assert len(cf.entries) == 1 and len(cf.history) == 2, cf.history
     mask = attention._CAUSAL[(6, 6)]
     assert any(t is mask for t in cf.entries[0].captured)
@@ -168,11 +151,11 @@ def test_tensor_cached_on_first_call_is_read_by_reference():
 
     cf = kiln.compile(f, dynamic=True)
     x = kiln.randn(4, 3)
-    _close(cf(x).numpy(), x.numpy())
+    assert_close_scaled(cf(x).numpy(), x.numpy())
     cache["w"].mul_(2.0)  # changed outside: the compiled function sees it, as eager does
-    _close(cf(x).numpy(), 2 * x.numpy())
+    assert_close_scaled(cf(x).numpy(), 2 * x.numpy())
     x = kiln.randn(6, 3)
-    _close(cf(x).numpy(), 2 * x.numpy())
+    assert_close_scaled(cf(x).numpy(), 2 * x.numpy())
     assert len(cf.entries) == 1 and cf.entries[0].sizes
 
 
@@ -182,7 +165,7 @@ def test_temporary_constants_stay_constants():
 
     cf = kiln.compile(f)
     x = kiln.randn(4, 3)
-    _close(cf(x).numpy(), f(x).numpy())
+    assert_close_scaled(cf(x).numpy(), f(x).numpy())
     g = cf.graph(optimized=False)
     assert [n.kind for n in g.inputs] == ["arg"]
     assert any(n.op == "const" for n in g.nodes)

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from kiln.onnx import export  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    assert_close_scaled, example_module, flat_arrays, workload_forward)
+    assert_outputs_close, example_module, flat_arrays, workload_forward)
 
 
 
@@ -34,9 +34,7 @@ def _check(model, example, inputs, tmp_path):
         with kiln.no_grad():
             want = flat_arrays(model(kiln.tensor(x)))
         got = sess.run(None, {name: x})
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_close_scaled(g, w)
+        assert_outputs_close(got, want)
     return proto
 
 
