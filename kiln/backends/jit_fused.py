@@ -18,6 +18,7 @@ import weakref
 
 import numpy as np
 
+from kiln.backends.codegen import _impl
 from kiln.backends.kernels import OUT_KERNELS, UFUNCS, _broadcast_ok, kernel_accepts
 from kiln.graph.ir import Graph, Node
 from kiln.graph.symbolic import has_sym, resolve
@@ -245,7 +246,8 @@ def runner(node: Node, aliased=frozenset()):
 
     name = "fz_" + hashlib.sha1(";".join(key).encode()).hexdigest()[:12]
     try:
-        k = _kernel(name, build, tuple(kinds), dtypes)
+        # overlaps other than element for element are copied first by _Runner
+        k = X.kernel(name, len(kinds), build, kinds, dtypes, noalias=True)
     except Exception:  # noqa: BLE001 - a group the code generator cannot build keeps numpy
         return None
     n_in = len(body.inputs)
@@ -282,25 +284,3 @@ def _step(b: Node, index: dict, tail: list) -> tuple:
         return None, lambda *a, **kw: kern(buf, *a, **kw), idx, dict(b.attrs)
     tail.append(None)
     return index[b], _impl(b.op), idx, dict(b.attrs)
-
-
-def _impl(op: str):
-    from kiln.ops.registry import REGISTRY
-
-    return REGISTRY[op].impl
-
-
-_kernels: dict = {}
-
-
-def _kernel(name: str, build, kinds: tuple, dtypes: str):
-    """The compiled kernel for ``build``, once per (name, kinds, dtypes)."""
-    key = (name, kinds, dtypes)
-    k = _kernels.get(key)
-    if k is None:
-
-        outs = build(*X.inputs(len(kinds), dtypes))
-        # overlaps other than element for element are copied first by _Runner
-        k = _kernels[key] = X.Kernel([outs], kinds, dtypes, name=f"{name}_{len(_kernels)}",
-                                     noalias=True)
-    return k

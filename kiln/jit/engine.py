@@ -62,6 +62,11 @@ def target_machine():
     return _machine
 
 
+def i64(v: int) -> ir.Constant:
+    """An i64 constant (sizes, strides, loop bounds)."""
+    return ir.Constant(I64, v)
+
+
 def new_module(name: str) -> ir.Module:
     """An empty IR module for the host triple."""
     mod = ir.Module(name=name)
@@ -95,7 +100,7 @@ def range_function(mod: ir.Module, name: str, pointer_types, body, noalias: bool
     i = b.phi(I64)
     i.add_incoming(start, entry)
     body(b, i, *ptrs)
-    nxt = b.add(i, ir.Constant(I64, 1))
+    nxt = b.add(i, i64(1))
     i.add_incoming(nxt, b.block)
     b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
     b.position_at_end(done)

@@ -308,16 +308,19 @@ def inputs(n: int, dtypes: str | None = None) -> list[Expr]:
 _cache: dict = {}
 
 
-def kernel(key, n_in: int, build, in_kinds=None, in_dtypes: str | None = None) -> Kernel:
-    """The compiled kernel for ``build(*inputs)`` (an Expr or a tuple of them), once per key."""
+def kernel(key, n_in: int, build, in_kinds=None, in_dtypes: str | None = None,
+           noalias: bool = False) -> Kernel:
+    """The compiled kernel for ``build(*inputs)`` (an Expr or a tuple of them), once per key
+    (``noalias``: see Kernel)."""
     in_kinds = tuple(in_kinds or ("full",) * n_in)
     in_dtypes = in_dtypes or "f" * n_in
-    full = (key, in_kinds, in_dtypes)
+    full = (key, in_kinds, in_dtypes, noalias)
     k = _cache.get(full)
     if k is None:
         outs = build(*inputs(n_in, in_dtypes))
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        k = _cache[full] = Kernel(outs, in_kinds, in_dtypes, name=f"{key}_{len(_cache)}")
+        k = _cache[full] = Kernel(outs, in_kinds, in_dtypes, name=f"{key}_{len(_cache)}",
+                                  noalias=noalias)
     return k
 
 

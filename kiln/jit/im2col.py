@@ -18,15 +18,12 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I64
+from kiln.jit.engine import F32, I64, i64
 
 _cache: dict = {}
 _P = ctypes.c_void_p
 _PF = F32.as_pointer()
 
-
-def _c(v: int) -> ir.Constant:
-    return ir.Constant(I64, v)
 
 
 def _for(b: ir.IRBuilder, n: int, body) -> None:
@@ -39,11 +36,11 @@ def _for(b: ir.IRBuilder, n: int, body) -> None:
     b.branch(loop)
     b.position_at_end(loop)
     i = b.phi(I64)
-    i.add_incoming(_c(0), pre)
+    i.add_incoming(i64(0), pre)
     body(i)
-    nxt = b.add(i, _c(1))
+    nxt = b.add(i, i64(1))
     i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, _c(n)), loop, after)
+    b.cbranch(b.icmp_signed("<", nxt, i64(n)), loop, after)
     b.position_at_end(after)
 
 
@@ -51,7 +48,7 @@ def _at(b, base, *terms):
     """``base + sum(index * stride)`` for (index value, constant stride) pairs."""
     off = base
     for v, s in terms:
-        off = b.add(off, b.mul(v, _c(s)))
+        off = b.add(off, b.mul(v, i64(s)))
     return off
 
 
@@ -85,8 +82,8 @@ def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> bool:
     key = ("rows", Hp, Wp, C, kh, kw, s0, s1, d0, d1, Ho, Wo, r)
 
     def emit(b, n, dst, src):
-        sb = b.mul(n, _c(Hp * Wp * C))
-        db = b.mul(n, _c(Ho * Wo * r))
+        sb = b.mul(n, i64(Hp * Wp * C))
+        db = b.mul(n, i64(Ho * Wo * r))
         _for(b, Ho, lambda ho: _for(b, Wo, lambda wo: _for(b, kh, lambda i: _for(
             b, nj, lambda j: _copy(
                 b, dst, src, _at(b, db, (ho, Wo * r), (wo, r), (i, kw * C), (j, C)),
@@ -114,8 +111,8 @@ def corr_rows_sum(out, Y, bias, d0: int) -> bool:
     ys = Wo * kh * O  # one Y row (ho) of an image
 
     def emit(b, n, dst, src, bp):
-        yb = b.mul(n, _c(Hp * ys))
-        ob = b.mul(n, _c(O * Ho * Wo))
+        yb = b.mul(n, i64(Hp * ys))
+        ob = b.mul(n, i64(O * Ho * Wo))
 
         def one(ho, wo, o):
             at = _at(b, yb, (ho, ys), (wo, kh * O), (o, 1))
@@ -123,7 +120,7 @@ def corr_rows_sum(out, Y, bias, d0: int) -> bool:
             if has_bias:
                 v = b.fadd(v, b.load(b.gep(bp, [o])))
             for i in range(1, kh):
-                v = b.fadd(v, b.load(b.gep(src, [b.add(at, _c(i * d0 * ys + i * O))])))
+                v = b.fadd(v, b.load(b.gep(src, [b.add(at, i64(i * d0 * ys + i * O))])))
             b.store(v, b.gep(dst, [_at(b, ob, (o, Ho * Wo), (ho, Wo), (wo, 1))]))
 
         _for(b, Ho, lambda ho: _for(b, Wo, lambda wo: _for(b, O, lambda o: one(ho, wo, o))))
@@ -153,16 +150,16 @@ def nhwc_padded(xp, x, pads) -> bool:
         _for(b, n, lambda t: b.store(zero, b.gep(dst, [b.add(at, t)])))
 
     def emit(b, n, dst, src):
-        db = b.mul(n, _c(Hp * Wp * C))
-        sb = b.mul(n, _c(C * H * W))
+        db = b.mul(n, i64(Hp * Wp * C))
+        sb = b.mul(n, i64(C * H * W))
         fill(b, dst, db, pt * Wp * C)
-        fill(b, dst, b.add(db, _c((pt + H) * Wp * C)), pb * Wp * C)
+        fill(b, dst, b.add(db, i64((pt + H) * Wp * C)), pb * Wp * C)
 
         def row(h):
-            rb = _at(b, db, (h, Wp * C), (_c(1), pt * Wp * C))
+            rb = _at(b, db, (h, Wp * C), (i64(1), pt * Wp * C))
             fill(b, dst, rb, pl * C)
-            fill(b, dst, b.add(rb, _c((pl + W) * C)), pr * C)
-            _for(b, W, lambda w: _copy(b, dst, src, _at(b, rb, (w, C), (_c(1), pl * C)),
+            fill(b, dst, b.add(rb, i64((pl + W) * C)), pr * C)
+            _for(b, W, lambda w: _copy(b, dst, src, _at(b, rb, (w, C), (i64(1), pl * C)),
                                        _at(b, sb, (h, W), (w, 1)), C, H * W))
 
         _for(b, H, row)

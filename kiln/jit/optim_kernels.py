@@ -47,7 +47,7 @@ class InplaceKernel:
         n = state[0].size
         if n == 0:
             return
-        args = (tuple(map(_address, state)) + tuple(map(_address, inputs))
+        args = (tuple(map(X.address, state)) + tuple(map(X.address, inputs))
                 + tuple(float(s) for s in scalars))
         parallel.run(self.fn, n, args, work_per_item=self.cost)
 
@@ -80,12 +80,6 @@ class InplaceKernel:
         b.cbranch(b.icmp_signed("<", i_next, stop), loop, done)
         b.position_at_end(done)
         b.ret_void()
-
-
-def _address(a: np.ndarray) -> int:
-    # a third of the time of a.ctypes.data, which matters for small parameters; needs a
-    # writeable array (``usable`` checks)
-    return ctypes.addressof(ctypes.c_char.from_buffer(a))
 
 
 def kernel(key, n_state: int, n_in: int, n_scalar: int, build) -> InplaceKernel:

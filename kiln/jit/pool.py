@@ -18,15 +18,12 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
-from kiln.jit.engine import F32, I64
+from kiln.jit.engine import F32, I64, i64
 
 _cache: dict = {}
 _P = ctypes.c_void_p
 _SIG = (ctypes.c_int64, ctypes.c_int64, _P, _P, _P)
 
-
-def _c(v: int) -> ir.Constant:
-    return ir.Constant(I64, v)
 
 
 def _for(b: ir.IRBuilder, lo: int, hi: int, body) -> None:
@@ -40,11 +37,11 @@ def _for(b: ir.IRBuilder, lo: int, hi: int, body) -> None:
     b.branch(loop)
     b.position_at_end(loop)
     i = b.phi(I64)
-    i.add_incoming(_c(lo), pre)
+    i.add_incoming(i64(lo), pre)
     body(i)
-    nxt = b.add(i, _c(1))
+    nxt = b.add(i, i64(1))
     i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, _c(hi)), loop, after)
+    b.cbranch(b.icmp_signed("<", nxt, i64(hi)), loop, after)
     b.position_at_end(after)
 
 
@@ -80,18 +77,18 @@ def _emit_pool(mod, name, H, W, Ho, Wo, kernel, stride, padding, dilation, mode)
 
 def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, dilation, mode):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    xp = b.gep(x, [b.mul(plane, _c(H * W))])
-    vp = b.gep(val, [b.mul(plane, _c(Ho * Wo))])
-    ip = b.gep(idx, [b.mul(plane, _c(Ho * Wo))])
+    xp = b.gep(x, [b.mul(plane, i64(H * W))])
+    vp = b.gep(val, [b.mul(plane, i64(Ho * Wo))])
+    ip = b.gep(idx, [b.mul(plane, i64(Ho * Wo))])
     neg_inf = ir.Constant(F32, float("-inf"))
 
     def taps(b, o, k, s, p, d, n, checked):
         """Per tap: (position, valid or None) along one axis."""
-        base = b.sub(b.mul(o, _c(s)), _c(p))
+        base = b.sub(b.mul(o, i64(s)), i64(p))
         out = []
         for t in range(k):
-            pos = b.add(base, _c(t * d))
-            ok = b.icmp_unsigned("<", pos, _c(n)) if checked else None
+            pos = b.add(base, i64(t * d))
+            ok = b.icmp_unsigned("<", pos, i64(n)) if checked else None
             out.append((pos, ok))
         return out
 
@@ -105,12 +102,12 @@ def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, di
         rows = taps(b, ho, kh, sh, ph, dh, H, check_h)
         cols = taps(b, wo, kw, sw, pw, dw, W, check_w)
         m = neg_inf
-        k = b.add(b.mul(first_valid(b, rows), _c(W)), first_valid(b, cols))
+        k = b.add(b.mul(first_valid(b, rows), i64(W)), first_valid(b, cols))
         for h, hok in rows:
-            hs = h if hok is None else b.select(hok, h, _c(0))
-            row = b.mul(hs, _c(W))
+            hs = h if hok is None else b.select(hok, h, i64(0))
+            row = b.mul(hs, i64(W))
             for w, wok in cols:
-                ws = w if wok is None else b.select(wok, w, _c(0))
+                ws = w if wok is None else b.select(wok, w, i64(0))
                 at = b.add(row, ws)
                 v = b.load(b.gep(xp, [at]))
                 new = b.or_(b.fcmp_ordered(">", v, m), mathlib.is_nan(b, v))
@@ -120,7 +117,7 @@ def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, di
                 m = b.select(new, v, m)
                 if mode != "values":
                     k = b.select(new, at, k)
-        o = b.add(b.mul(ho, _c(Wo)), wo)
+        o = b.add(b.mul(ho, i64(Wo)), wo)
         if mode != "indices":
             b.store(m, b.gep(vp, [o]))
         if mode != "values":
@@ -175,20 +172,20 @@ def _build_scatter(name, HW, L):
 
 
 def _scatter_plane(b, plane, g, idx, out, bad, HW, L):
-    op = b.gep(out, [b.mul(plane, _c(HW))])
-    gp = b.gep(g, [b.mul(plane, _c(L))])
-    ip = b.gep(idx, [b.mul(plane, _c(L))])
+    op = b.gep(out, [b.mul(plane, i64(HW))])
+    gp = b.gep(g, [b.mul(plane, i64(L))])
+    ip = b.gep(idx, [b.mul(plane, i64(L))])
     _for(b, 0, HW, lambda i: b.store(ir.Constant(F32, 0.0), b.gep(op, [i])))
 
     def add(o):
         k = b.load(b.gep(ip, [o]))
-        ok = b.icmp_unsigned("<", k, _c(HW))
+        ok = b.icmp_unsigned("<", k, i64(HW))
         with b.if_else(ok) as (then, otherwise):
             with then:
                 at = b.gep(op, [k])
                 b.store(b.fadd(b.load(at), b.load(b.gep(gp, [o]))), at)
             with otherwise:
-                b.store(_c(1), bad)
+                b.store(i64(1), bad)
 
     _for(b, 0, L, add)
 

@@ -19,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
-from kiln.jit.engine import F32, F64, I64
+from kiln.jit.engine import F32, F64, I64, i64
 
 _F32 = np.dtype(np.float32)
 _REASSOC = ("reassoc",)
@@ -31,9 +31,6 @@ _cache: dict = {}
 
 
 # -- IR helpers ---------------------------------------------------------------------------------
-
-def _i64(v: int) -> ir.Constant:
-    return ir.Constant(I64, v)
 
 
 def _for(b: ir.IRBuilder, lo, hi, init, body):
@@ -53,7 +50,7 @@ def _for(b: ir.IRBuilder, lo, hi, init, body):
         phis.append(p)
     new = body(i, phis)
     end = b.block
-    i_next = b.add(i, _i64(1))
+    i_next = b.add(i, i64(1))
     i.add_incoming(i_next, end)
     for p, v in zip(phis, new):
         p.add_incoming(v, end)
@@ -102,11 +99,11 @@ _BLOCK = 8
 def _row_blocks(b, start, stop, d, passes):
     """For each block of up to _BLOCK rows in [start, stop): ``p(base, end, k)`` for each pass
     ``p`` over the block's rows (``base:end`` the row's elements, ``k`` its slot)."""
-    blocks = b.sdiv(b.add(b.sub(stop, start), _i64(_BLOCK - 1)), _i64(_BLOCK))
+    blocks = b.sdiv(b.add(b.sub(stop, start), i64(_BLOCK - 1)), i64(_BLOCK))
 
     def block(i, _):
-        r0 = b.add(start, b.mul(i, _i64(_BLOCK)))
-        r1 = b.add(r0, _i64(_BLOCK))
+        r0 = b.add(start, b.mul(i, i64(_BLOCK)))
+        r1 = b.add(r0, i64(_BLOCK))
         r1 = b.select(b.icmp_signed("<", r1, stop), r1, stop)
         for p in passes:
             def row(r, _, p=p):
@@ -116,7 +113,7 @@ def _row_blocks(b, start, stop, d, passes):
             _for(b, r0, r1, [], row)
         return []
 
-    _for(b, _i64(0), blocks, [], block)
+    _for(b, i64(0), blocks, [], block)
 
 
 def _compile(key, build, argtypes):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kiln import creation, jit
+from kiln import creation
 from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
@@ -15,6 +15,7 @@ from kiln.optim.optimizer import (
     group_lr,
     hyper,
     is_capturable,
+    native_step,
     scalar_like,
     step_no_grad,
     to_scalar,
@@ -88,8 +89,8 @@ class Adam(Optimizer):
             one_minus_beta2 = 1 - beta2
             if decoupled and weight_decay != 0:  # a tensor op when lr is one (capturable)
                 decay = 1 - lr * weight_decay
-            native = (not (cap or amsgrad or maximize) and STATE.tracer is None
-                      and _plain_numbers(lr, beta1, beta2, eps, weight_decay) and jit.available())
+            native = not (amsgrad or maximize) and native_step(cap, lr, beta1, beta2, eps,
+                                                               weight_decay)
             cached_step = None
             for p in group["params"]:
                 grad = p.grad
@@ -147,10 +148,6 @@ class Adam(Optimizer):
         if isinstance(self, AdamW):
             for group in self.param_groups:
                 group["decoupled_weight_decay"] = True
-
-
-def _plain_numbers(*values) -> bool:
-    return all(type(v) in (float, int) for v in values)
 
 
 def _native_update(p, grad, state, step, lr, beta1, beta2, eps, weight_decay, decoupled) -> bool:

@@ -66,6 +66,15 @@ def group_lr(group: dict, capturable: bool):
     return lr
 
 
+def native_step(capturable: bool, *settings) -> bool:
+    """Whether an eager step may use kiln.jit's one-pass update kernels: not the capturable
+    path (so not tracing either), every setting a plain Python number, the JIT available."""
+    from kiln import jit
+
+    return (not capturable and all(type(v) in (float, int) for v in settings)
+            and jit.available())
+
+
 def scalar_like(value, t: Tensor):
     """``value`` (a number, or on the capturable path a 0-d tensor) to combine with ``t``: a
     tensor is cast to ``t``'s dtype, because a 0-d float64 factor would promote a 0-d ``t``

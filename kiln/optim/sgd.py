@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from kiln import jit
-from kiln.grad_mode import STATE
 from kiln.ops import elementwise as _ew
 from kiln.optim.optimizer import (
     Optimizer,
@@ -14,6 +12,7 @@ from kiln.optim.optimizer import (
     group_lr,
     hyper,
     is_capturable,
+    native_step,
     scalar_like,
     step_no_grad,
 )
@@ -75,10 +74,7 @@ class SGD(Optimizer):
             dampening = group["dampening"]
             nesterov = group["nesterov"]
             maximize = group["maximize"]
-            native = (not maximize and STATE.tracer is None and not cap
-                      and all(type(v) in (float, int) for v in (lr, weight_decay, momentum,
-                                                                dampening))
-                      and jit.available())
+            native = not maximize and native_step(cap, lr, weight_decay, momentum, dampening)
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
