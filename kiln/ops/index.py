@@ -8,6 +8,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from kiln import jit
 from kiln.dispatch import apply_inplace
 from kiln.grad_mode import STATE
 from kiln.ops.elementwise import cast, clone, mul
@@ -185,6 +186,9 @@ def _rows_add(out, rows, vals) -> None:
     vals = np.broadcast_to(vals, rows.shape + out.shape[1:]).reshape(
         (rows.size,) + out.shape[1:])
     rows = rows.reshape(-1)
+    if out.ndim >= 2 and out.dtype == np.float32 and jit.available() and _native_rows_add(
+            out, rows, vals):
+        return
     uniq, first = np.unique(rows, return_index=True)
     if uniq.size == rows.size:
         out[rows] += vals
@@ -197,6 +201,24 @@ def _rows_add(out, rows, vals) -> None:
         rest = np.ones(rows.size, bool)
         rest[first] = False
         np.add.at(out, rows[rest], vals[rest])
+
+
+def _native_rows_add(out, rows, vals) -> bool:
+    """_rows_add by kiln.jit's scatter loop (bitwise equal to np.add.at); False when it does
+    not apply (strided out, rows out of range: numpy raises the IndexError)."""
+    R = out.shape[0]
+    if not out.flags.c_contiguous or rows.dtype.kind not in "iu" or np.may_share_memory(out, vals):
+        return False
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < -R or hi >= R:
+        return False
+    rows = rows.astype(np.int64)
+    if lo < 0:
+        rows = np.where(rows < 0, rows + R, rows)
+    from kiln.jit import scatter
+
+    return scatter.rows_add(out.reshape(R, -1), rows,
+                            np.ascontiguousarray(vals.reshape(rows.size, -1)))
 
 
 def _index_put_impl(x, values, indices, index, dims, accumulate):
