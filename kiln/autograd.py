@@ -206,7 +206,11 @@ def _run(roots, retain_graph, create_graph, targets=None):
         if plain and n.hooks is None and n.retains is None:
             if n.inputs is None or n.versions:  # freed, or saved inputs to verify
                 n._check_saved()
-            grads = n.prim.vjp(g, n)
+            if n.prim.grad_into is not None and _grad_into(n, g, node_grads, heap, owned,
+                                                            create_graph or tracer is not None):
+                grads = ()  # already delivered
+            else:
+                grads = n.prim.vjp(g, n)
         else:
             grads = _node_backward(n, g, create_graph, wanted_nodes, useful, captured)
         for e, gi in zip(n.edges, grads):
@@ -242,6 +246,26 @@ def _run(roots, retain_graph, create_graph, targets=None):
         else:
             _accumulate(leaf, g, create_graph)
     return captured
+
+
+def _grad_into(n, g, node_grads, heap, owned, recording: bool) -> bool:
+    """Send node ``n``'s gradient to its (single, non-leaf) input through ``prim.grad_into``;
+    False (use the VJP) when a graph is being recorded or the input is not a plain node."""
+    e = n.edges[0] if len(n.edges) == 1 else None
+    if recording or type(e) is not Node or n.inputs is None:
+        return False
+    prev = node_grads.get(e)
+    acc = None
+    if prev is not None:
+        acc = prev._data
+        if id(acc) not in owned or acc.dtype != g._data.dtype:  # someone else's array: copy it
+            acc = np.array(acc, dtype=np.result_type(acc, g._data))
+    new = n.prim.grad_into(acc, g._data, n)
+    owned[id(new)] = new
+    if prev is None:
+        heapq.heappush(heap, (-e.seq, e))
+    node_grads[e] = prev if prev is not None and new is prev._data else _make(new)
+    return True
 
 
 def _sum_grads(acc: Tensor, g: Tensor, owned: dict, create_graph: bool) -> Tensor:
@@ -405,6 +429,7 @@ class _CustomPrim:
     """Stands in for a registered primitive in the Node of a custom Function call."""
 
     __slots__ = ("name", "save", "save_out", "fn")
+    grad_into = None
 
     def __init__(self, fn_cls):
         self.name = fn_cls.__name__

@@ -358,3 +358,59 @@ def test_grad_of_integer_cast_is_cut():
     x = kiln.tensor([1.5, 2.5], requires_grad=True)
     assert not x.long().requires_grad
     assert x.double().requires_grad
+
+
+# -- views' gradients delivered in place (index_view's grad_into) -------------------------------
+
+def _split_grads(monkeypatch, into: bool, hook=False, create_graph=False):
+    from kiln.ops import index as index_ops
+
+    if not into:
+        monkeypatch.setattr(index_ops._index_view, "grad_into", None)
+    rng = np.random.default_rng(3)
+    w = kiln.tensor(rng.standard_normal((4, 6, 9)).astype(np.float32), requires_grad=True)
+    mid = w * 2.0  # a non-leaf: its pieces' gradients go through grad_into
+    seen = []
+    if hook:
+        mid.register_hook(lambda g: seen.append(g.numpy().copy()))
+    q, k, v = mid.split(3, dim=2)
+    loss = (q * q).sum() + (k * 3.0).sum() + v[:, 1:].exp().sum() + mid[0, 2, 5] * 7.0
+    (gw,) = kiln.autograd.grad(loss, w, create_graph=True) if create_graph else (None,)
+    if not create_graph:
+        loss.backward()
+        gw = w.grad
+    return gw, seen
+
+
+def test_split_gradients_written_in_place_equal_the_vjp_path(monkeypatch):
+    from kiln.ops import index as index_ops
+
+    calls = []
+    real = index_ops._index_view.grad_into
+
+    def counting(acc, g, node):
+        calls.append(acc is None)
+        return real(acc, g, node)
+
+    monkeypatch.setattr(index_ops._index_view, "grad_into", counting)
+    fast, _ = _split_grads(monkeypatch, True)
+    assert calls == [True, True, False, False, False]  # buffers for v and mid, then writes
+    slow, _ = _split_grads(monkeypatch, False)
+    np.testing.assert_array_equal(fast.numpy(), slow.numpy())
+    torch = pytest.importorskip("torch")
+    w = torch.tensor(np.random.default_rng(3).standard_normal((4, 6, 9)).astype(np.float32),
+                     requires_grad=True)
+    mid = w * 2.0
+    q, k, v = mid.split(3, dim=2)
+    ((q * q).sum() + (k * 3.0).sum() + v[:, 1:].exp().sum() + mid[0, 2, 5] * 7.0).backward()
+    np.testing.assert_allclose(fast.numpy(), w.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_split_gradients_reach_hooks_and_double_backward(monkeypatch):
+    (fast, seen_fast), (slow, seen_slow) = (_split_grads(monkeypatch, True, hook=True),
+                                            _split_grads(monkeypatch, False, hook=True))
+    assert len(seen_fast) == len(seen_slow) == 1
+    np.testing.assert_array_equal(seen_fast[0], seen_slow[0])
+    gw, _ = _split_grads(monkeypatch, True, create_graph=True)
+    gw.sum().backward()  # the recorded graph of the backward is differentiable
+    np.testing.assert_array_equal(gw.detach().numpy(), fast.numpy())

@@ -142,6 +142,21 @@ def _index_view_backward(g, shape, index):
     return out
 
 
+def _index_view_grad_into(acc, g, node):
+    """The index_view VJP added straight into the input's gradient: one write of the viewed
+    region instead of a zero-filled full-size array and a full-size add (a split's pieces)."""
+    key = _npkey(node.attrs["index"])
+    if acc is None:
+        acc = np.zeros(node.inputs[0]._data.shape, g.dtype)
+        acc[key] = g
+    else:
+        acc[key] += g
+    return acc
+
+
+_index_view.grad_into = _index_view_grad_into
+
+
 @_index_view_backward.def_infer
 def _index_view_backward_infer(shapes, dts, shape, index):
     return tuple(shape), dts[0]

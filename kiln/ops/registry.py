@@ -29,6 +29,7 @@ class Primitive:
     """One primitive operation.  Call it with Kiln tensors (and keyword attributes)."""
 
     __slots__ = ("name", "impl", "vjp", "infer", "traits", "save", "save_out", "no_grad_reason",
+                 "grad_into",
                  "is_view", "inplace_impl", "__weakref__")
 
     def __init__(self, name, impl, *, traits=(), save=(), save_out=False, infer=None):
@@ -46,6 +47,10 @@ class Primitive:
         self.save = tuple(save)  # input positions whose values the VJP reads
         self.save_out = save_out  # the VJP reads the output value
         self.no_grad_reason = None
+        # Optional: ``grad_into(acc, g, node)`` adds this node's gradient for its first input
+        # into ``acc`` (an array the backward walk owns, or None: make one) and returns it;
+        # the walk uses it instead of the VJP when no graph of the backward is being built.
+        self.grad_into = None
 
     def __call__(self, *inputs, **attrs):
         return apply(self, inputs, attrs)
