@@ -245,6 +245,14 @@ _MATH = {"exp": mathlib.exp, "log": mathlib.log, "tanh": mathlib.tanh,
 _COST = {"exp": 12, "log": 14, "tanh": 18, "sigmoid": 14, "div": 4, "sqrt": 4}
 
 
+def register_unary(name: str, emit, cost: int):
+    """Make ``emit(builder, value) -> value`` (float32 IR) an elementwise op named ``name`` of
+    about ``cost`` element-operations; returns the function that applies it to an Expr."""
+    _MATH[name] = emit
+    _COST[name] = cost
+    return _unary(name)
+
+
 def _cost(outputs) -> int:
     seen, stack, total = set(), list(outputs), 0
     while stack:

@@ -1,8 +1,10 @@
 """float32 exp, log, tanh and friends as straight-line IR, so the loop vectorizer can widen them.
 
 LLVM's own ``llvm.exp.f32`` becomes a call to libm's scalar expf, which stops vectorization;
-these are the Cephes single-precision algorithms (range reduction, a short polynomial, the
-exponent set through the float's bits), accurate to about 1 ulp over float32's range.  Every
+these follow the Cephes single-precision algorithms (range reduction, a short polynomial, the
+exponent set through the float's bits), accurate to about 1 ulp over float32's range, with
+explicit fma (IR has no contraction without fast-math flags) and few operations per element:
+the vector loops are bound by instruction throughput, not by latency or memory.  Every
 function takes and returns an ``ir.Value`` of type float inside the builder's current block.
 """
 
@@ -16,10 +18,13 @@ LOG2E = 1.44269504088896341
 # ln 2 split in two: k * LN2_HI is exact for the |k| <= 128 that occur, so r loses no bits
 LN2_HI = 0.693359375
 LN2_LO = -2.12194440e-4
-EXP_HI = 88.7228390520683  # exp overflows float32 above this
-EXP_LO = -87.3365447505531  # below this exp(x) is subnormal: flushed to 0 (error < 1.2e-38)
-_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-          1.6666665459e-1, 5.0000001201e-1)
+EXP_HI = 88.72283172607422  # the largest float32 whose exp is finite
+EXP_LO = -87.33654022216797  # the smallest float32 whose exp is normal: below it, 0
+# 1.5 * 2**23: adding it rounds a float below 2**22 to an integer, held in the low mantissa bits
+_ROUNDER = 12582912.0
+# (e**r - 1 - r) / r**2 on |r| <= ln(2) / 2, weighted minimax: e**r - 1 to 1.3e-8 relative
+_EXP_Q = (1.3882518978789449e-3, 8.366533555090427e-3, 4.166720062494278e-2,
+          1.666654348373413e-1, 4.999999701976776e-1)
 _LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
           1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
           3.3333331174e-1)
@@ -33,16 +38,21 @@ def const(v: float) -> ir.Constant:
 
 
 def horner(b: ir.IRBuilder, x, coeffs):
-    """coeffs[0] x^(n-1) + ... + coeffs[-1], highest power first."""
+    """coeffs[0] x^(n-1) + ... + coeffs[-1], highest power first (one fma per step)."""
     p = const(coeffs[0])
     for c in coeffs[1:]:
-        p = b.fadd(b.fmul(p, x), const(c))
+        p = fma(b, p, x, const(c))
     return p
 
 
 def _call(b: ir.IRBuilder, name: str, *args):
     fn = intrinsic(b.module, f"llvm.{name}.f32", F32, [F32] * len(args))
     return b.call(fn, list(args))
+
+
+def fma(b, x, y, z):
+    """x * y + z, rounded once."""
+    return _call(b, "fma", x, y, z)
 
 
 def fmin(b, x, y):
@@ -73,27 +83,35 @@ def is_nan(b, x):
     return b.fcmp_unordered("uno", x, x)
 
 
+def _reduce(b: ir.IRBuilder, x):
+    """x = k ln(2) + r with |r| <= ln(2) / 2: (r, k << 23 as an i32)."""
+    # k = rint(x log2(e)) in one fma: adding _ROUNDER leaves k in the low mantissa bits of s
+    s = fma(b, x, const(LOG2E), const(_ROUNDER))
+    k = b.fsub(s, const(_ROUNDER))
+    r = fma(b, k, const(-LN2_HI), x)
+    r = fma(b, k, const(-LN2_LO), r)
+    return r, b.shl(b.bitcast(s, I32), ir.Constant(I32, 23))
+
+
 def exp(b: ir.IRBuilder, x):
-    """e**x: inf above 88.72, 0 below -87.34 (no subnormal results), NaN stays NaN."""
-    # inputs below EXP_LO compute exp(0) and are replaced by 0 at the end: clamping them to
-    # EXP_LO instead would build a subnormal 2**-126 * p, which the CPU handles ~100x slower
-    low = b.fcmp_ordered("<", x, const(EXP_LO))
-    t = b.select(low, const(0.0), fmin(b, x, const(EXP_HI)))
-    k = rint(b, b.fmul(t, const(LOG2E)))
-    r = b.fsub(t, b.fmul(k, const(LN2_HI)))
-    r = b.fsub(r, b.fmul(k, const(LN2_LO)))
-    p = b.fmul(b.fmul(horner(b, r, _EXP_P), r), r)
-    p = b.fadd(b.fadd(p, r), const(1.0))
-    # 2**k through the exponent bits; k is in [-126, 128]: 2**128 is built as 2 * 2**127
-    ki = b.fptosi(k, I32)
-    half = b.ashr(ki, ir.Constant(I32, 1))
-    s1 = b.bitcast(b.shl(b.add(half, ir.Constant(I32, 127)), ir.Constant(I32, 23)), F32)
-    s2 = b.bitcast(b.shl(b.add(b.sub(ki, half), ir.Constant(I32, 127)), ir.Constant(I32, 23)),
-                   F32)
-    y = b.fmul(b.fmul(p, s1), s2)
-    y = b.select(b.fcmp_ordered(">", x, const(EXP_HI)), const(float("inf")), y)
-    y = b.select(low, const(0.0), y)
-    return b.select(is_nan(b, x), x, y)
+    """e**x: inf above EXP_HI, 0 below EXP_LO (no subnormal results), NaN stays NaN."""
+    r, kbits = _reduce(b, x)
+    p = horner(b, r, _EXP_Q + (1.0, 1.0))
+    # p * 2**k: k added to p's exponent field (p is in [0.7, 1.5], so for x in [EXP_LO, EXP_HI]
+    # the sum is a normal float); out of that range the bits are garbage, replaced below
+    y = b.bitcast(b.add(b.bitcast(p, I32), kbits), F32)
+    # x + inf: inf above the range, NaN for NaN
+    y = b.select(b.fcmp_ordered("<=", x, const(EXP_HI)), y, b.fadd(x, const(float("inf"))))
+    return b.select(b.fcmp_ordered("<", x, const(EXP_LO)), const(0.0), y)
+
+
+def _exp_shifted(b: ir.IRBuilder, x, shifts):
+    """e**x + c for each c in ``shifts``, for x in [-30, 0] (or NaN), each rounded once:
+    2**k q + (2**k + c) with q = e**r - 1."""
+    r, kbits = _reduce(b, x)
+    q = fma(b, b.fmul(r, r), horner(b, r, _EXP_Q), r)
+    scale = b.bitcast(b.add(kbits, ir.Constant(I32, 127 << 23)), F32)
+    return [fma(b, q, scale, b.fadd(scale, const(c)) if c else scale) for c in shifts]
 
 
 def log(b: ir.IRBuilder, x):
@@ -120,15 +138,17 @@ def log(b: ir.IRBuilder, x):
 
 
 def tanh(b: ir.IRBuilder, x):
-    """tanh: an odd polynomial below |x| = 0.625, 1 - 2 / (e**2|x| + 1) above it."""
+    """tanh: an odd polynomial below |x| = 0.625, 1 - 2 e / (1 + e) with e = e**(-2|x|) above
+    it (so nothing overflows), given the sign of x."""
     ax = fabs(b, x)
+    lo = const(-30.0)  # e**-30 rounds to 0 next to 1
+    t = b.fmul(ax, const(-2.0))
+    t = b.select(b.fcmp_ordered(">", lo, t), lo, t)  # keeps NaN
+    e, d = _exp_shifted(b, t, (0.0, 1.0))
+    big = b.fsub(const(1.0), b.fdiv(b.fadd(e, e), d))
     z = b.fmul(x, x)
-    small = b.fadd(x, b.fmul(b.fmul(x, z), horner(b, z, _TANH_P)))
-    e = exp(b, b.fmul(ax, const(2.0)))
-    big = b.fsub(const(1.0), b.fdiv(const(2.0), b.fadd(e, const(1.0))))
-    big = copysign(b, big, x)
-    y = b.select(b.fcmp_ordered("<", ax, const(0.625)), small, big)
-    return b.select(is_nan(b, x), x, y)
+    small = fma(b, b.fmul(x, z), horner(b, z, _TANH_P), x)
+    return copysign(b, b.select(b.fcmp_ordered("<", ax, const(0.625)), small, big), x)
 
 
 def sigmoid(b: ir.IRBuilder, x):

@@ -20,7 +20,7 @@ EMIT: dict = {}
 BACKWARD = {"tanh_backward", "sigmoid_backward", "relu_backward", "gelu_backward",
             "layer_norm_backward", "cross_entropy_backward", "nll_loss_backward",
             "avg_pool2d_backward", "conv2d_weight", "pool_scatter", "index_view_backward",
-            "embedding_backward", "put_along"}
+            "embedding_backward", "put_along", "softmax_backward"}
 RANDOM = {"dropout_mask", "multinomial"}
 NO_ONNX = {  # more on why a primitive has no emitter
     "cumprod": "ONNX has CumSum but no cumulative product",

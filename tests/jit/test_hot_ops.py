@@ -1,9 +1,10 @@
 """Native GELU and its gradient (kiln.jit.hot_ops) against the numpy kernels they replace.
 
-Both paths evaluate the same formula in the same order; only exp and tanh differ (about 1 ulp
-each).  Tolerance: 4 ulp of the result plus 4 ulp of 1 times the size of the terms that cancel
-(``scale`` below): x for gelu (x Phi(x) for negative x), |g| for the exact gradient (Phi + x phi),
-|g| (1 + |x| u'(x) / 2) for the tanh form's gradient (1 - tanh^2 near tanh = 1).
+Both paths evaluate the same formula; the native one rounds differently in exp and tanh (about
+1 ulp each) and in Q (fma).  Tolerance: 4 ulp of the result plus 4 ulp of 1 times the size of
+the terms that cancel (``scale`` below): x for gelu (x Phi(x) for negative x), |g| for the exact
+gradient (Phi + x phi), |g| (1 + |x| u'(x) / 2) for the tanh form's gradient (1 - tanh^2 near
+tanh = 1).
 """
 
 import numpy as np

@@ -135,6 +135,73 @@ def test_layer_norm_empty():
     assert rows.layer_norm(np.zeros((0, 8), np.float32), None, None, 1e-5) is None
 
 
+# Row lengths that are multiples of 16 up to 512 get kernels compiled for their length (the
+# row held in registers); the others, and these with _MAX_HELD = 0, the generic kernels.
+HELD_SHAPES = [(1, 16), (5, 48), (17, 112), (1000, 128), (3, 512), (2048, 128)]
+
+
+@pytest.mark.parametrize("shape", HELD_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", ["wb", ""])
+def test_layer_norm_held_rows_match_generic_numpy_and_torch(monkeypatch, shape, affine):
+    x = (RNG.standard_normal(shape) * 3 + 2).astype(np.float32)
+    d = shape[-1]
+    w = RNG.standard_normal(d).astype(np.float32) if affine else None
+    b = RNG.standard_normal(d).astype(np.float32) if affine else None
+    g = RNG.standard_normal(shape).astype(np.float32)
+    parts = ("x",) + tuple(affine)
+    got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=parts, g=g))
+    assert any(k[1] == d for k in rows._held)  # the held kernels ran
+    monkeypatch.setattr(rows, "_MAX_HELD", 0)
+    generic = _ln(x, w, b, grad_of=parts, g=g)
+    ref = _ln(x, w, b, grad_of=parts, g=g, lib=torch)
+    for a, gen, n, r in zip(got, generic, want, ref):
+        scale = max(1.0, np.abs(r).max())
+        _close(a, gen, scale)
+        _close(a, n, scale)
+        _close(a, r, scale)
+
+
+@pytest.mark.parametrize("parts", [("w",), ("b",), ("x", "w"), ("x", "b")])
+def test_layer_norm_held_backward_parts(monkeypatch, parts):
+    x = (RNG.standard_normal((37, 64)) + 5).astype(np.float32)
+    w, b = RNG.standard_normal(64).astype(np.float32), RNG.standard_normal(64).astype(np.float32)
+    g = RNG.standard_normal(x.shape).astype(np.float32)
+    got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=parts, g=g))
+    for a, n in zip(got, want):
+        _close(a, n, max(1.0, np.abs(n).max()))
+
+
+def test_layer_norm_held_large_mean_and_specials(monkeypatch):
+    x = (RNG.standard_normal((6, 160)) * 0.01 + 1000).astype(np.float32)
+    w, b = RNG.standard_normal(160).astype(np.float32), np.zeros(160, np.float32)
+    g = RNG.standard_normal(x.shape).astype(np.float32)
+    got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=("x", "w", "b"), g=g))
+    ref = _ln(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+              grad_of=("x", "w", "b"), g=g.astype(np.float64), lib=torch)
+    for a, n, r in zip(got, want, ref):
+        scale = max(1.0, np.abs(r).max())
+        assert np.abs(a - r).max() <= max(np.abs(n - r).max(), 1e-5 * scale)
+    x = RNG.standard_normal((6, 32)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3, 5], x[4] = np.nan, np.inf, -np.inf, 7.0  # row 4: zero variance
+    got, want = _both(monkeypatch, lambda: _ln(x, None, None, grad_of=("x",),
+                                               g=np.ones_like(x)))
+    for a, n in zip(got, want):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(n))
+        ok = np.isfinite(n)
+        _close(a[ok], n[ok], 4.0)
+
+
+def test_layer_norm_held_kernels_respect_the_shape_budget(monkeypatch):
+    from kiln.jit import engine
+    monkeypatch.setattr(engine, "SHAPE_KERNELS", 0)
+    monkeypatch.setattr(rows, "_held", {})
+    x = RNG.standard_normal((4, 80)).astype(np.float32)
+    y = rows.layer_norm(x, None, None, 1e-5)
+    assert y is not None and not rows._held  # the generic kernel
+    m = x.mean(-1, keepdims=True)
+    _close(y, (x - m) / np.sqrt(x.var(-1, keepdims=True) + 1e-5), 4.0)
+
+
 def _softmax_ref(x, log):
     x = x.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
