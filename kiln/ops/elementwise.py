@@ -316,9 +316,23 @@ def _ufunc_inplace(ufunc):
     return write
 
 
+_eager_run: list = []  # kiln.jit.eager_ops.run, imported on first use (it needs llvmlite)
+
+
+def _native(op: str, *arrays):
+    """The native result of a big float32 ``op`` (kiln.jit.eager_ops), or None for numpy."""
+    if not jit.available():
+        return None
+    if not _eager_run:
+        from kiln.jit import eager_ops
+        _eager_run.append(eager_ops.run)
+    return _eager_run[0](op, arrays)
+
+
 @_elementwise("add")
 def _add(a, b):
-    return np.add(a, b)
+    out = _native("add", a, b)
+    return np.add(a, b) if out is None else out
 
 
 @_add.def_vjp
@@ -330,7 +344,8 @@ def _add_vjp(g, node):
 
 @_elementwise("sub")
 def _sub(a, b):
-    return np.subtract(a, b)
+    out = _native("sub", a, b)
+    return np.subtract(a, b) if out is None else out
 
 
 @_sub.def_vjp
@@ -342,7 +357,8 @@ def _sub_vjp(g, node):
 
 @_elementwise("mul", save=(0, 1))
 def _mul(a, b):
-    return np.multiply(a, b)
+    out = _native("mul", a, b)
+    return np.multiply(a, b) if out is None else out
 
 
 @_mul.def_vjp
@@ -355,7 +371,8 @@ def _mul_vjp(g, node):
 
 @_elementwise("div", save=(0, 1))
 def _div(a, b):
-    return np.true_divide(a, b)
+    out = _native("div", a, b)
+    return np.true_divide(a, b) if out is None else out
 
 
 @_div.def_vjp
@@ -1261,7 +1278,8 @@ def round(input: Tensor, *, decimals: int = 0) -> Tensor:
 
 @_unary("relu", save_out=True)
 def _relu(x):
-    return np.maximum(x, 0)  # keeps NaN, like PyTorch
+    out = _native("relu", x)
+    return np.maximum(x, 0) if out is None else out  # keeps NaN, like PyTorch
 
 
 @_relu.def_vjp
@@ -1272,6 +1290,9 @@ def _relu_vjp(g, node):
 @primitive("relu_backward", traits={"elementwise"}, save=(1,))
 def _relu_backward(g, y):
     # the gradient at exactly 0 is 0 (PyTorch's threshold_backward on the result)
+    out = _native("relu_backward", g, y)
+    if out is not None:
+        return out
     bits = _SAME_SIZE_INT.get(g.dtype)
     if bits is None or g.shape != y.shape:
         return np.where(y > 0, g, np.zeros((), g.dtype))
@@ -1739,7 +1760,8 @@ def clamp_max(input: Tensor, max) -> Tensor:
 
 @primitive("where", traits={"elementwise"}, save=(0,))
 def _where(cond, x, y):
-    return np.where(cond, x, y)
+    out = _native("where", cond, x, y)
+    return np.where(cond, x, y) if out is None else out
 
 
 @_where.def_infer
