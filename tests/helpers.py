@@ -404,3 +404,14 @@ def example_module(name: str):
         sys.modules[key] = mod
         spec.loader.exec_module(mod)
     return sys.modules[key]
+
+
+def native_and_numpy(monkeypatch, f):
+    """``(f() with kiln.jit's native kernels, f() with the numpy path)``."""
+    import kiln.jit
+
+    got = f()
+    monkeypatch.setattr(kiln.jit, "_available", False)
+    want = f()
+    monkeypatch.setattr(kiln.jit, "_available", True)
+    return got, want

@@ -10,6 +10,7 @@ pytest.importorskip("llvmlite")
 import kiln  # noqa: E402
 import kiln.jit  # noqa: E402
 from kiln.jit import rows  # noqa: E402
+from tests.helpers import native_and_numpy as _both  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
@@ -23,15 +24,6 @@ def _jit_on(monkeypatch):
     if not kiln.jit.available():
         pytest.skip("kiln.jit is off")
     monkeypatch.setattr(kiln.jit, "_available", True)
-
-
-def _both(monkeypatch, f):
-    """f() with native kernels, then with the numpy path."""
-    got = f()
-    monkeypatch.setattr(kiln.jit, "_available", False)
-    want = f()
-    monkeypatch.setattr(kiln.jit, "_available", True)
-    return got, want
 
 
 def _close(got, want, scale=1.0, **tol):
@@ -71,28 +63,37 @@ def test_layer_norm_matches_numpy_and_torch(monkeypatch, shape, affine):
         _close(a, r, scale)
 
 
-@pytest.mark.parametrize("parts", [("w",), ("b",), ("w", "b"), ("x", "b"), ("x", "w")])
-def test_layer_norm_backward_parts(monkeypatch, parts):
-    x = (RNG.standard_normal((4, 33, 40)) + 5).astype(np.float32)
-    w, b = RNG.standard_normal(40).astype(np.float32), RNG.standard_normal(40).astype(np.float32)
+# (4, 33, 40): the generic row kernels; (37, 64): the kernels that hold a row in registers
+@pytest.mark.parametrize("shape, parts", [
+    *[((4, 33, 40), p) for p in [("w",), ("b",), ("w", "b"), ("x", "b"), ("x", "w")]],
+    *[((37, 64), p) for p in [("w",), ("b",), ("x", "w"), ("x", "b")]]])
+def test_layer_norm_backward_parts(monkeypatch, shape, parts):
+    x = (RNG.standard_normal(shape) + 5).astype(np.float32)
+    d = shape[-1]
+    w, b = RNG.standard_normal(d).astype(np.float32), RNG.standard_normal(d).astype(np.float32)
     g = RNG.standard_normal(x.shape).astype(np.float32)
     got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=parts, g=g))
     for a, n in zip(got, want):
         _close(a, n, max(1.0, np.abs(n).max()))
 
 
-def test_layer_norm_two_normalized_dims_and_large_mean(monkeypatch):
-    x = (RNG.standard_normal((6, 3, 50)) * 0.01 + 1000).astype(np.float32)
-    w, b = RNG.standard_normal((3, 50)).astype(np.float32), np.zeros((3, 50), np.float32)
+def _check_large_mean(monkeypatch, shape):
+    """Rows of mean 1000, spread 0.01: float32 loses ~ulp(1000) / 0.01 = 0.6% of xhat to the
+    mean's rounding; the native path must be no less accurate than numpy's (it is ~8x more,
+    with its corrected mean)."""
+    x = (RNG.standard_normal(shape) * 0.01 + 1000).astype(np.float32)
+    w, b = RNG.standard_normal(shape[1:]).astype(np.float32), np.zeros(shape[1:], np.float32)
     g = RNG.standard_normal(x.shape).astype(np.float32)
     got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=("x", "w", "b"), g=g))
     ref = _ln(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
               grad_of=("x", "w", "b"), g=g.astype(np.float64), lib=torch)
-    # float32 loses ~ulp(1000) / 0.01 = 0.6% of xhat to the mean's rounding: the native path
-    # must be no less accurate than numpy's (it is ~8x more, with its corrected mean)
     for a, n, r in zip(got, want, ref):
         scale = max(1.0, np.abs(r).max())
         assert np.abs(a - r).max() <= max(np.abs(n - r).max(), 1e-5 * scale)
+
+
+def test_layer_norm_two_normalized_dims_and_large_mean(monkeypatch):
+    _check_large_mean(monkeypatch, (6, 3, 50))
 
 
 def test_layer_norm_non_contiguous_broadcast_and_specials(monkeypatch):
@@ -107,8 +108,13 @@ def test_layer_norm_non_contiguous_broadcast_and_specials(monkeypatch):
 
     for a, n in zip(*_both(monkeypatch, run)):
         _close(a, n, 4.0)
-    x = RNG.standard_normal((6, 8)).astype(np.float32)
-    x[1, 3], x[2, 0], x[3, 5], x[4] = np.nan, np.inf, -np.inf, 7.0  # row 4: zero variance
+    _check_special_rows(monkeypatch, 8)
+
+
+def _check_special_rows(monkeypatch, d):
+    """NaN, +-inf and a zero-variance row in rows of width ``d``: same NaNs, finite values close."""
+    x = RNG.standard_normal((6, d)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3, 5], x[4] = np.nan, np.inf, -np.inf, 7.0
     got, want = _both(monkeypatch, lambda: _ln(x, None, None, grad_of=("x",),
                                                g=np.ones_like(x)))
     for a, n in zip(got, want):
@@ -161,34 +167,9 @@ def test_layer_norm_held_rows_match_generic_numpy_and_torch(monkeypatch, shape, 
         _close(a, r, scale)
 
 
-@pytest.mark.parametrize("parts", [("w",), ("b",), ("x", "w"), ("x", "b")])
-def test_layer_norm_held_backward_parts(monkeypatch, parts):
-    x = (RNG.standard_normal((37, 64)) + 5).astype(np.float32)
-    w, b = RNG.standard_normal(64).astype(np.float32), RNG.standard_normal(64).astype(np.float32)
-    g = RNG.standard_normal(x.shape).astype(np.float32)
-    got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=parts, g=g))
-    for a, n in zip(got, want):
-        _close(a, n, max(1.0, np.abs(n).max()))
-
-
 def test_layer_norm_held_large_mean_and_specials(monkeypatch):
-    x = (RNG.standard_normal((6, 160)) * 0.01 + 1000).astype(np.float32)
-    w, b = RNG.standard_normal(160).astype(np.float32), np.zeros(160, np.float32)
-    g = RNG.standard_normal(x.shape).astype(np.float32)
-    got, want = _both(monkeypatch, lambda: _ln(x, w, b, grad_of=("x", "w", "b"), g=g))
-    ref = _ln(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
-              grad_of=("x", "w", "b"), g=g.astype(np.float64), lib=torch)
-    for a, n, r in zip(got, want, ref):
-        scale = max(1.0, np.abs(r).max())
-        assert np.abs(a - r).max() <= max(np.abs(n - r).max(), 1e-5 * scale)
-    x = RNG.standard_normal((6, 32)).astype(np.float32)
-    x[1, 3], x[2, 0], x[3, 5], x[4] = np.nan, np.inf, -np.inf, 7.0  # row 4: zero variance
-    got, want = _both(monkeypatch, lambda: _ln(x, None, None, grad_of=("x",),
-                                               g=np.ones_like(x)))
-    for a, n in zip(got, want):
-        np.testing.assert_array_equal(np.isnan(a), np.isnan(n))
-        ok = np.isfinite(n)
-        _close(a[ok], n[ok], 4.0)
+    _check_large_mean(monkeypatch, (6, 160))
+    _check_special_rows(monkeypatch, 32)
 
 
 def test_layer_norm_held_kernels_respect_the_shape_budget(monkeypatch):

@@ -13,6 +13,7 @@ import kiln  # noqa: E402
 import kiln.jit  # noqa: E402
 from kiln.jit import rows  # noqa: E402
 from kiln.ops.reduce import _softmax_backward, _sum  # noqa: E402
+from tests.helpers import native_and_numpy as _both  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
@@ -27,15 +28,6 @@ def _jit_on(monkeypatch):
     if not kiln.jit.available():
         pytest.skip("kiln.jit is off")
     monkeypatch.setattr(kiln.jit, "_available", True)
-
-
-def _both(monkeypatch, f):
-    """f() with native kernels, then with the numpy path."""
-    got = f()
-    monkeypatch.setattr(kiln.jit, "_available", False)
-    want = f()
-    monkeypatch.setattr(kiln.jit, "_available", True)
-    return got, want
 
 
 def _composed(g, y, axis):
