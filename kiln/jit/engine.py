@@ -67,6 +67,55 @@ def i64(v: int) -> ir.Constant:
     return ir.Constant(I64, v)
 
 
+def loop(b: ir.IRBuilder, lo, hi, body, init=None):
+    """Emit ``for i in range(lo, hi)``: ``body(i)``, or with ``init`` (a list of values carried
+    from one iteration to the next) ``carried = body(i, carried)``, returning the final values.
+    ``lo``/``hi`` are ints (a constant trip count: no code at all when empty) or i64 values
+    (checked at run time)."""
+    carried = list(init) if init is not None else []
+    if isinstance(lo, int) and isinstance(hi, int) and hi <= lo:
+        return carried if init is not None else None
+    lo_v = i64(lo) if isinstance(lo, int) else lo
+    hi_v = i64(hi) if isinstance(hi, int) else hi
+    fn = b.function
+    pre = b.block
+    body_bb = fn.append_basic_block("loop")
+    after = fn.append_basic_block("after")
+    checked = not (isinstance(lo, int) and isinstance(hi, int))
+    if checked:
+        b.cbranch(b.icmp_signed("<", lo_v, hi_v), body_bb, after)
+    else:
+        b.branch(body_bb)
+    b.position_at_end(body_bb)
+    i = b.phi(I64, "i")
+    i.add_incoming(lo_v, pre)
+    phis = []
+    for v in carried:
+        p = b.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
+    new = body(i, phis) if init is not None else body(i)
+    new = list(new) if init is not None else []
+    end = b.block
+    nxt = b.add(i, i64(1))
+    i.add_incoming(nxt, end)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, end)
+    b.cbranch(b.icmp_signed("<", nxt, hi_v), body_bb, after)
+    b.position_at_end(after)
+    if init is None:
+        return None
+    if not checked:
+        return new
+    out = []
+    for v0, v in zip(carried, new):
+        p = b.phi(v0.type)
+        p.add_incoming(v0, pre)
+        p.add_incoming(v, end)
+        out.append(p)
+    return out
+
+
 def new_module(name: str) -> ir.Module:
     """An empty IR module for the host triple."""
     mod = ir.Module(name=name)

@@ -18,30 +18,12 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I64, i64
+from kiln.jit.engine import F32, i64, loop
 
 _cache: dict = {}
 _P = ctypes.c_void_p
 _PF = F32.as_pointer()
 
-
-
-def _for(b: ir.IRBuilder, n: int, body) -> None:
-    """``for i in range(n): body(i)`` with a constant trip count (nothing when empty)."""
-    if n <= 0:
-        return
-    pre = b.block
-    loop = b.function.append_basic_block("loop")
-    after = b.function.append_basic_block("after")
-    b.branch(loop)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(i64(0), pre)
-    body(i)
-    nxt = b.add(i, i64(1))
-    i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, i64(n)), loop, after)
-    b.position_at_end(after)
 
 
 def _at(b, base, *terms):
@@ -54,7 +36,7 @@ def _at(b, base, *terms):
 
 def _copy(b, dst, src, d0, s0, n: int, sstep: int) -> None:
     """``dst[d0 + t] = src[s0 + t * sstep]`` for t in range(n)."""
-    _for(b, n, lambda t: b.store(b.load(b.gep(src, [_at(b, s0, (t, sstep))])),
+    loop(b, 0, n, lambda t: b.store(b.load(b.gep(src, [_at(b, s0, (t, sstep))])),
                                  b.gep(dst, [b.add(d0, t)])))
 
 
@@ -84,8 +66,8 @@ def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> bool:
     def emit(b, n, dst, src):
         sb = b.mul(n, i64(Hp * Wp * C))
         db = b.mul(n, i64(Ho * Wo * r))
-        _for(b, Ho, lambda ho: _for(b, Wo, lambda wo: _for(b, kh, lambda i: _for(
-            b, nj, lambda j: _copy(
+        loop(b, 0, Ho, lambda ho: loop(b, 0, Wo, lambda wo: loop(b, 0, kh, lambda i: loop(
+            b, 0, nj, lambda j: _copy(
                 b, dst, src, _at(b, db, (ho, Wo * r), (wo, r), (i, kw * C), (j, C)),
                 _at(b, sb, (ho, s0 * Wp * C), (i, d0 * Wp * C), (wo, s1 * C), (j, d1 * C)),
                 run, 1)))))
@@ -123,7 +105,8 @@ def corr_rows_sum(out, Y, bias, d0: int) -> bool:
                 v = b.fadd(v, b.load(b.gep(src, [b.add(at, i64(i * d0 * ys + i * O))])))
             b.store(v, b.gep(dst, [_at(b, ob, (o, Ho * Wo), (ho, Wo), (wo, 1))]))
 
-        _for(b, Ho, lambda ho: _for(b, Wo, lambda wo: _for(b, O, lambda o: one(ho, wo, o))))
+        loop(b, 0, Ho, lambda ho: loop(b, 0, Wo, lambda wo: loop(
+            b, 0, O, lambda o: one(ho, wo, o))))
 
     fn = _compiled(key, f"corr_rows_sum_{len(_cache)}", emit, 3)
     if fn is None:
@@ -147,7 +130,7 @@ def nhwc_padded(xp, x, pads) -> bool:
     zero = ir.Constant(F32, 0.0)
 
     def fill(b, dst, at, n):
-        _for(b, n, lambda t: b.store(zero, b.gep(dst, [b.add(at, t)])))
+        loop(b, 0, n, lambda t: b.store(zero, b.gep(dst, [b.add(at, t)])))
 
     def emit(b, n, dst, src):
         db = b.mul(n, i64(Hp * Wp * C))
@@ -159,10 +142,10 @@ def nhwc_padded(xp, x, pads) -> bool:
             rb = _at(b, db, (h, Wp * C), (i64(1), pt * Wp * C))
             fill(b, dst, rb, pl * C)
             fill(b, dst, b.add(rb, i64((pl + W) * C)), pr * C)
-            _for(b, W, lambda w: _copy(b, dst, src, _at(b, rb, (w, C), (i64(1), pl * C)),
+            loop(b, 0, W, lambda w: _copy(b, dst, src, _at(b, rb, (w, C), (i64(1), pl * C)),
                                        _at(b, sb, (h, W), (w, 1)), C, H * W))
 
-        _for(b, H, row)
+        loop(b, 0, H, row)
 
     fn = _compiled(key, f"nhwc_{len(_cache)}", emit, 2)
     if fn is None:

@@ -101,8 +101,8 @@ def run(fn, n: int, args: tuple, work_per_item: int = 1, align: int = 1) -> None
     """``fn(start, stop, *args)`` over ``[0, n)``, split across threads when there is enough work.
 
     ``fn`` is a compiled kernel (a ctypes function: native workers run it) or any Python
-    callable (run on Python threads).  Part boundaries are multiples of ``align`` (so that a part starts at a vector boundary or on
-    a whole row when a kernel needs it).
+    callable (run on Python threads).  Part boundaries are multiples of ``align`` (so that a
+    part starts at a vector boundary or on a whole row when a kernel needs it).
     """
     parts = min(_threads, n // max(align, 1))
     if parts < 2 or n * work_per_item < MIN_PARALLEL_WORK:

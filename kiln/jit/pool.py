@@ -18,31 +18,12 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
-from kiln.jit.engine import F32, I64, i64
+from kiln.jit.engine import F32, I64, i64, loop
 
 _cache: dict = {}
 _P = ctypes.c_void_p
 _SIG = (ctypes.c_int64, ctypes.c_int64, _P, _P, _P)
 
-
-
-def _for(b: ir.IRBuilder, lo: int, hi: int, body) -> None:
-    """``for i in range(lo, hi): body(i)`` (constant bounds; nothing when empty)."""
-    if hi <= lo:
-        return
-    fn = b.function
-    pre = b.block
-    loop = fn.append_basic_block("loop")
-    after = fn.append_basic_block("after")
-    b.branch(loop)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(i64(lo), pre)
-    body(i)
-    nxt = b.add(i, i64(1))
-    i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, i64(hi)), loop, after)
-    b.position_at_end(after)
 
 
 def _interior(n_out: int, L: int, k: int, s: int, p: int, d: int) -> tuple[int, int]:
@@ -128,7 +109,7 @@ def _pool_plane(b, plane, x, val, idx, H, W, Ho, Wo, kernel, stride, padding, di
     for r0, r1, ch in ((0, h_lo, True), (h_lo, h_hi, False), (h_hi, Ho, True)):
         for c0, c1, cw in ((0, w_lo, True), (w_lo, w_hi, False), (w_hi, Wo, True)):
             if r1 > r0 and c1 > c0:
-                _for(b, r0, r1, lambda ho, c0=c0, c1=c1, ch=ch, cw=cw: _for(
+                loop(b, r0, r1, lambda ho, c0=c0, c1=c1, ch=ch, cw=cw: loop(
                     b, c0, c1, lambda wo: window(b, ho, wo, ch, cw)))
 
 
@@ -175,7 +156,7 @@ def _scatter_plane(b, plane, g, idx, out, bad, HW, L):
     op = b.gep(out, [b.mul(plane, i64(HW))])
     gp = b.gep(g, [b.mul(plane, i64(L))])
     ip = b.gep(idx, [b.mul(plane, i64(L))])
-    _for(b, 0, HW, lambda i: b.store(ir.Constant(F32, 0.0), b.gep(op, [i])))
+    loop(b, 0, HW, lambda i: b.store(ir.Constant(F32, 0.0), b.gep(op, [i])))
 
     def add(o):
         k = b.load(b.gep(ip, [o]))
@@ -187,7 +168,7 @@ def _scatter_plane(b, plane, g, idx, out, bad, HW, L):
             with otherwise:
                 b.store(i64(1), bad)
 
-    _for(b, 0, L, add)
+    loop(b, 0, L, add)
 
 
 def pool_scatter(g, idx, in_hw):

@@ -41,34 +41,7 @@ _CHUNKS = 16  # layer_norm_backward's row chunks
 
 def _for(b: ir.IRBuilder, lo, hi, init, body):
     """``for i in [lo, hi): carried = body(i, carried)``; returns the final carried values."""
-    fn = b.function
-    pre = b.block
-    loop = fn.append_basic_block("loop")
-    after = fn.append_basic_block("after")
-    b.cbranch(b.icmp_signed("<", lo, hi), loop, after)
-    b.position_at_end(loop)
-    i = b.phi(I64, "i")
-    i.add_incoming(lo, pre)
-    phis = []
-    for v in init:
-        p = b.phi(v.type)
-        p.add_incoming(v, pre)
-        phis.append(p)
-    new = body(i, phis)
-    end = b.block
-    i_next = b.add(i, i64(1))
-    i.add_incoming(i_next, end)
-    for p, v in zip(phis, new):
-        p.add_incoming(v, end)
-    b.cbranch(b.icmp_signed("<", i_next, hi), loop, after)
-    b.position_at_end(after)
-    out = []
-    for v0, v in zip(init, new):
-        p = b.phi(v0.type)
-        p.add_incoming(v0, pre)
-        p.add_incoming(v, end)
-        out.append(p)
-    return out
+    return engine.loop(b, lo, hi, body, init)
 
 
 def _function(mod, name, n_int, n_float, n_ptr):

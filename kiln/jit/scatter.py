@@ -13,25 +13,9 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I64, i64
+from kiln.jit.engine import F32, I64, loop
 
 _fn = None
-
-
-def _loop(b: ir.IRBuilder, lo, hi, body) -> None:
-    """``for i in range(lo, hi): body(i)`` over i64 values (nothing when empty)."""
-    pre = b.block
-    loop = b.function.append_basic_block("loop")
-    after = b.function.append_basic_block("after")
-    b.cbranch(b.icmp_signed("<", lo, hi), loop, after)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(lo, pre)
-    body(i)
-    nxt = b.add(i, i64(1))
-    i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, hi), loop, after)
-    b.position_at_end(after)
 
 
 def _kernel():
@@ -56,9 +40,9 @@ def _kernel():
                 p = b.gep(dst, [j])
                 b.store(b.fadd(b.load(p), b.load(b.gep(src, [j]))), p)
 
-            _loop(b, c0, c1, col)
+            loop(b, c0, c1, col)
 
-        _loop(b, i64(0), n, row)
+        loop(b, 0, n, row)
         b.ret_void()
         L, P = ctypes.c_int64, ctypes.c_void_p
         _fn = engine.compile_module(mod, {"rows_add": (L, L, L, L, P, P, P)})["rows_add"]
