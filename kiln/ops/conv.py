@@ -20,6 +20,8 @@ kh shifted row blocks (``_corr_rows``); conv_transpose2d with stride 1 is then t
 correlation with the flipped kernel instead of a gemm followed by a col2im scatter-add.
 Padding is (top, bottom, left, right); a negative amount crops, which expresses transposed
 convolutions' output_padding and the floor in the output-size formula exactly.
+With kiln.jit on an AVX-512 CPU, float32 stride-1 convolutions whose output channels are a
+multiple of 16 run kiln.jit.conv_direct's direct kernels instead (no im2col, no gemm; ``_direct``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,16 @@ def _native_gather(*arrays) -> bool:
     from kiln import jit
 
     return jit.available() and all(a.dtype == np.float32 for a in arrays)
+
+
+def _direct(stride, dilation, groups, *arrays):
+    """kiln.jit.conv_direct when its kernels may run (JIT on, float32, stride 1, no dilation or
+    groups), else None; its functions return False/None for shapes they do not take."""
+    if stride == (1, 1) and dilation == (1, 1) and groups == 1 and _native_gather(*arrays):
+        from kiln.jit import conv_direct
+
+        return conv_direct
+    return None
 
 
 def _nhwc_padded(x, pads):
@@ -278,6 +290,9 @@ def _conv2d_into(out, x, w, b, stride, padding, dilation, groups):
         tmp = np.empty(out.shape, out.dtype)
         np.copyto(out, _conv2d_into(tmp, x, w, b, stride, padding, dilation, groups))
         return out
+    direct = _direct(stride, dilation, groups, x, w)
+    if direct is not None and direct.conv2d(out, x, w, b, padding):
+        return out
     one = b is not None
     if _rows_layout(C, kw, Wo, groups):
         K = kh * kw * C
@@ -373,6 +388,9 @@ def _conv_transpose2d(g, w, stride, padding, dilation, groups):
     Hf = (Ho - 1) * s0 + d0 * (kh - 1) + 1  # the padded extent the windows cover
     Wf = (Wo - 1) * s1 + d1 * (kw - 1) + 1
     he, we = (Ho - 1) * s0 + 1, (Wo - 1) * s1 + 1
+    direct = _direct(stride, dilation, groups, g, w)
+    if direct is not None and (out := direct.conv_transpose2d(g, w, padding)) is not None:
+        return out
     crop = tuple(-p for p in padding)
     pt, pb, pl, pr = padding
     if (_rows_layout(C, kw, Wo, groups) and stride == (1, 1)
@@ -434,6 +452,9 @@ def _conv2d_weight(x, g, stride, padding, dilation, groups, kernel):
     _, O, Ho, Wo = g.shape
     kh, kw = kernel
     cg = C // groups
+    direct = _direct(stride, dilation, groups, x, g)
+    if direct is not None and (gw := direct.conv2d_weight(x, g, padding, kernel)) is not None:
+        return gw
     if _rows_layout(C, kw, Wo, groups):
         cols = _cols_rows(x, kh, kw, stride, padding, dilation, Ho, Wo)
         # (K, N*P) @ (N*P, O): OpenBLAS threads this shape evenly; the (O, K) product of the

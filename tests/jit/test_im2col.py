@@ -39,6 +39,14 @@ def _data(shape, kind="normal", dtype=np.float32):
     return x
 
 
+@pytest.fixture(autouse=True)
+def _no_direct_conv(monkeypatch):
+    """These tests check the im2col kernels bit for bit: keep kiln.jit.conv_direct out."""
+    from kiln.jit import conv_direct
+
+    monkeypatch.setattr(conv_direct, "ENABLED", False)
+
+
 def _out_hw(g):
     N, C, H, W, kh, kw, s, p, d, _ = g
     return (conv._out_len(H, kh, s[0], p[0], p[1], d[0]),
