@@ -24,6 +24,7 @@ import numpy as np
 
 from kiln.graph.ir import Node
 from kiln.ops.conv import _conv2d_into
+from kiln.ops.linalg import mm2
 from kiln.ops.reduce import _BLAS_FLOATS, _count, _ones
 
 # As in eager mode (kiln/ops/elementwise.py): inf and nan results are silent, as in PyTorch.
@@ -315,10 +316,12 @@ def _k_matmul(out, a, b, ta, tb):
         rows = _count(a.shape, range(a.ndim - 1))
         a2 = a.reshape(rows, a.shape[-1])
         if out.flags.c_contiguous:
-            np.matmul(a2, b, out=out.reshape(rows, b.shape[1]))
+            mm2(a2, b, out=out.reshape(rows, b.shape[1]))
         else:
-            np.copyto(out, (a2 @ b).reshape(out.shape))
+            np.copyto(out, mm2(a2, b).reshape(out.shape))
         return out
+    if a.ndim == 2 and b.ndim == 2:
+        return mm2(a, b, out=out)
     return np.matmul(a, b, out=out)
 
 
@@ -328,11 +331,11 @@ def _k_linear(out, x, w, *bias):
         rows = _count(x.shape, range(x.ndim - 1))
         x2 = x.reshape(rows, x.shape[-1])
         if out.flags.c_contiguous:
-            np.matmul(x2, w.T, out=out.reshape(rows, w.shape[0]))
+            mm2(x2, w.T, out=out.reshape(rows, w.shape[0]))
         else:
-            np.copyto(out, (x2 @ w.T).reshape(out.shape))
+            np.copyto(out, mm2(x2, w.T).reshape(out.shape))
     else:
-        np.matmul(x, w.T, out=out)
+        mm2(x, w.T, out=out)
     if bias:
         np.add(out, bias[0], out=out)
     return out

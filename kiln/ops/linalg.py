@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from kiln import dtypes
+from kiln import dtypes, jit
 from kiln.ops.elementwise import binary_operands, mul
 from kiln.ops.reduce import sum as _rsum
 from kiln.ops.reduce import sum_to
@@ -34,6 +34,18 @@ _SNAME = {"float32": "Float", "float64": "Double", "float16": "Half", "int64": "
 # numpy hands the transposed view to BLAS without copying.  Operands have >= 2 dims and the same
 # dtype; batch dims broadcast as in np.matmul.
 
+def mm2(a, b, out=None):
+    """A 2-D product ``a @ b`` (into ``out`` when given): float32 ones on kiln.jit's threads when
+    available (kiln/jit/blas.py), else numpy's."""
+    if a.dtype == np.float32 and jit.available():
+        from kiln.jit import blas
+
+        y = blas.matmul(a, b, out)
+        if y is not None:
+            return y
+    return np.matmul(a, b, out=out)
+
+
 @primitive("matmul", traits={"linalg"}, save=(0, 1))
 def _matmul(a, b, ta, tb):
     if ta:
@@ -42,8 +54,10 @@ def _matmul(a, b, ta, tb):
         b = b.swapaxes(-1, -2)
     if b.ndim == 2 and a.ndim > 2 and not ta:
         # (..., M, K) @ (K, N): one gemm over all rows beats a loop of small ones
-        return (a.reshape(_numel(a.shape[:-1]), a.shape[-1]) @ b).reshape(
+        return mm2(a.reshape(_numel(a.shape[:-1]), a.shape[-1]), b).reshape(
             a.shape[:-1] + (b.shape[1],))
+    if a.ndim == 2 and b.ndim == 2:
+        return mm2(a, b)
     return np.matmul(a, b)
 
 
@@ -293,10 +307,10 @@ def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -
 @primitive("linear", traits={"linalg"}, save=(0, 1))
 def _linear(x, w, *bias):
     if x.ndim > 2:
-        y = (x.reshape(_numel(x.shape[:-1]), x.shape[-1]) @ w.T).reshape(
+        y = mm2(x.reshape(_numel(x.shape[:-1]), x.shape[-1]), w.T).reshape(
             x.shape[:-1] + (w.shape[0],))
     else:
-        y = x @ w.T
+        y = mm2(x, w.T)
     if bias:
         y += bias[0]
     return y
