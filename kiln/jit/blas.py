@@ -82,9 +82,10 @@ def _kernel():
                             ir.Constant(I32, _NO_TRANS))
 
         prev = b.call(local, [ir.Constant(I32, 1)])
+        one, zero = ir.Constant(F32, 1.0), ir.Constant(F32, 0.0)
         b.call(sgemm, [ir.Constant(I32, _ROW_MAJOR), flag(ta), flag(tb), b.sub(r1, r0), n, k,
-                       ir.Constant(F32, 1.0), b.gep(a, [a_off]), lda, b_, ldb, ir.Constant(F32, 0.0),
-                       b.gep(c, [b.mul(r0, ldc)]), ldc])
+                       one, b.gep(a, [a_off]), lda, b_, ldb, zero, b.gep(c, [b.mul(r0, ldc)]),
+                       ldc])
         b.call(local, [prev])
         b.ret_void()
         L, P = ctypes.c_int64, ctypes.c_void_p
