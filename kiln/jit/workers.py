@@ -84,8 +84,9 @@ class _Emitter:
 
     def claim_parts(self, fn, b, ctrl, gen, exit_bb) -> None:
         """Claim and run parts of job ``gen`` until none is left (or a newer job replaced it),
-        then branch to ``exit_bb``.  A claim is a compare-and-swap of NEXT = gen << 32 | part,
-        so a thread that is late for a job can never take a part of the next one."""
+        then branch to ``exit_bb``.  A claim is a compare-and-swap of the one word
+        NEXT = gen << 32 | parts << 16 | next part: a thread late for a job can never take a
+        part of the next one, nor read the next job's part count while the caller writes it."""
         claim, check, run = (fn.append_basic_block(n) for n in ("claim", "check", "run"))
         b.branch(claim)
         b.position_at_end(claim)
@@ -93,8 +94,8 @@ class _Emitter:
         same = b.icmp_unsigned("==", b.lshr(cur, i64(32)), b.and_(gen, i64(_LOW)))
         b.cbranch(same, check, exit_bb)
         b.position_at_end(check)
-        part = b.and_(cur, i64(_LOW))
-        left = b.icmp_unsigned("<", part, self.load(b, ctrl, NPARTS))
+        part = b.and_(cur, i64(0xFFFF))
+        left = b.icmp_unsigned("<", part, b.and_(b.lshr(cur, i64(16)), i64(0xFFFF)))
         got = fn.append_basic_block("got")
         b.cbranch(left, got, exit_bb)
         b.position_at_end(got)
@@ -171,7 +172,9 @@ def _build(mod: ir.Module) -> None:
     spins = b.alloca(I64)
     b.store(i64(0), spins)
     gen = b.add(b.load_atomic(e.slot(b, ctrl, GEN), "seq_cst", 8), i64(1))
-    b.store_atomic(b.shl(b.and_(gen, i64(_LOW)), i64(32)), e.slot(b, ctrl, NEXT), "seq_cst", 8)
+    parts = b.shl(e.load(b, ctrl, NPARTS), i64(16))
+    b.store_atomic(b.or_(b.shl(b.and_(gen, i64(_LOW)), i64(32)), parts), e.slot(b, ctrl, NEXT),
+                   "seq_cst", 8)
     b.atomic_rmw("add", e.slot(b, ctrl, GEN), i64(1), "seq_cst")
     sleepers = b.load_atomic(e.slot(b, ctrl, SLEEPERS), "seq_cst", 8)
     with b.if_then(b.icmp_unsigned("!=", sleepers, i64(0))):

@@ -41,6 +41,11 @@ def mm2(a, b, out=None):
         from kiln.jit import blas
 
         y = blas.matmul(a, b, out)
+        if y is None and out is not None:  # an out it cannot write (strided, overlapping)
+            y = blas.matmul(a, b)
+            if y is not None:
+                np.copyto(out, y)
+                y = out
         if y is not None:
             return y
     return np.matmul(a, b, out=out)
