@@ -33,6 +33,10 @@ _MACS_PER_UNIT = 15
 # OpenBLAS runs products below 4 * 65536 multiply-adds on the calling thread (its
 # GEMM_MULTITHREAD_THRESHOLD): those stay with numpy, which calls it with less overhead
 MIN_MACS = 1 << 18
+# Products below this many multiply-adds run whole on the calling thread: splitting the mlp's
+# (4-13M) made its step slower (2.19 vs 2.00 ms), splitting the gpt's (17-67M) made its faster
+# (72 vs 86 ms)
+SPLIT_MACS = 1 << 24
 _F32 = np.dtype(np.float32)
 _fn = None  # the compiled part kernel, False when numpy's OpenBLAS is not found
 
@@ -125,7 +129,10 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
         return None
     if out is None:
         out = np.empty((m, n), _F32)
-    parallel.run(fn, m, (int(pa[0]), int(pb[0]), n, k, a.ctypes.data, pa[1], b.ctypes.data,
-                         pb[1], out.ctypes.data, out.strides[0] // 4),
-                 work_per_item=max(1, n * k // _MACS_PER_UNIT), align=16)
+    args = (int(pa[0]), int(pb[0]), n, k, a.ctypes.data, pa[1], b.ctypes.data, pb[1],
+            out.ctypes.data, out.strides[0] // 4)
+    if m * n * k < SPLIT_MACS:
+        fn(0, m, *args)
+    else:
+        parallel.run(fn, m, args, work_per_item=max(1, n * k // _MACS_PER_UNIT), align=16)
     return out
