@@ -168,11 +168,8 @@ def _make(name: str, monkeypatch) -> Setup:
     return fn(monkeypatch) if name == "gpt" else fn()
 
 
-def train(s: Setup, make_opt, compiled, steps: int = STEPS, scheduler=None):
-    """Train ``steps`` steps; ``compiled`` is a bool or a function step index -> bool.
-    Returns (losses, final state, the compiled step, number of compiles after each step)."""
-    opt = make_opt(s.params)
-    sched = scheduler(opt) if scheduler else None
+def train_step(s: Setup, opt):
+    """The ordinary training step on setup ``s`` with optimizer ``opt``."""
 
     def step(x, y):
         opt.zero_grad()
@@ -181,6 +178,15 @@ def train(s: Setup, make_opt, compiled, steps: int = STEPS, scheduler=None):
         opt.step()
         return loss
 
+    return step
+
+
+def train(s: Setup, make_opt, compiled, steps: int = STEPS, scheduler=None):
+    """Train ``steps`` steps; ``compiled`` is a bool or a function step index -> bool.
+    Returns (losses, final state, the compiled step, number of compiles after each step)."""
+    opt = make_opt(s.params)
+    sched = scheduler(opt) if scheduler else None
+    step = train_step(s, opt)
     fast = kiln.compile(step)
     losses, compiles = [], []
     for i in range(steps):
@@ -352,13 +358,7 @@ def test_lifted_settings_keep_strict_mode_quiet(monkeypatch):
     s = _make("example_mlp", monkeypatch)
     opt = kiln.optim.Adam(s.params, lr=1e-2)
 
-    @functools.partial(kiln.compile, strict=True)
-    def step(x, y):
-        opt.zero_grad()
-        loss = s.loss(x, y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = kiln.compile(train_step(s, opt), strict=True)
 
     for i in range(6):
         opt.param_groups[0]["betas"] = (0.9 - 0.05 * i, 0.999 - 0.01 * i)
@@ -425,15 +425,7 @@ def test_dynamic_false_compiles_per_shape(monkeypatch):
     s = _make("example_mlp", monkeypatch)
     s.batches = _epochs([64, 64, 64, 40], epochs=3)
     opt = OPTIMIZERS["adam"](s.params)
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = s.loss(x, y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    fast = kiln.compile(step, dynamic=False)
+    fast = kiln.compile(train_step(s, opt), dynamic=False)
     for x, y in s.batches:
         fast(x, y)
     assert len(fast.history) == 2, fast.history
@@ -447,15 +439,7 @@ def test_strict_raises_recompile_error(monkeypatch):
 
     s = _make("example_mlp", monkeypatch)
     opt = OPTIMIZERS["sgd"](s.params)
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = s.loss(x, y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    fast = kiln.compile(step, strict=True)
+    fast = kiln.compile(train_step(s, opt), strict=True)
     (x1, y1), (x2, y2) = _epochs([64, 40], epochs=1)
     fast(x1, y1)
     fast(x1, y1)
@@ -546,15 +530,7 @@ def test_compiled_step_peak_memory_not_above_eager():
         kiln.manual_seed(0)
         s = mlp_workload(real=True)
         opt = kiln.optim.Adam(s.params, lr=1e-3)
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = s.loss(x, y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        return step, s.batches[0]
+        return train_step(s, opt), s.batches[0]
 
     step, (x, y) = build()
     eager = _peak(step, x, y)
