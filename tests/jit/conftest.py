@@ -11,3 +11,13 @@ def _unlimited_shape_kernels(monkeypatch):
     except ImportError:  # no llvmlite: the tests skip themselves
         return
     monkeypatch.setattr(engine, "SHAPE_KERNELS", 1 << 30)
+
+
+@pytest.fixture
+def jit_on(monkeypatch):
+    """Native kernels on (skip when kiln.jit cannot run here), whatever KILN_JIT says."""
+    import kiln.jit
+
+    if not kiln.jit.available():
+        pytest.skip("kiln.jit is off")
+    monkeypatch.setattr(kiln.jit, "_available", True)

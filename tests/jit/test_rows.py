@@ -19,11 +19,7 @@ RNG = np.random.default_rng(0)
 TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 
-@pytest.fixture(autouse=True)
-def _jit_on(monkeypatch):
-    if not kiln.jit.available():
-        pytest.skip("kiln.jit is off")
-    monkeypatch.setattr(kiln.jit, "_available", True)
+pytestmark = pytest.mark.usefixtures("jit_on")
 
 
 def _close(got, want, scale=1.0, **tol):

@@ -23,11 +23,7 @@ RNG = np.random.default_rng(5)
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-@pytest.fixture(autouse=True)
-def _jit_on(monkeypatch):
-    if not kiln.jit.available():
-        pytest.skip("kiln.jit is off")
-    monkeypatch.setattr(kiln.jit, "_available", True)
+pytestmark = pytest.mark.usefixtures("jit_on")
 
 
 def _composed(g, y, axis):
