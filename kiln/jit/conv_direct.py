@@ -186,13 +186,9 @@ def _nhwc(x, pads):
 
 def _avx512() -> bool:
     """Whether the host has AVX-512: the register blocking assumes 32 registers of 16 floats
-    (with AVX2's 16 of 8 the accumulators would spill; the gemm paths stay)."""
-    global _HAS_AVX512
-    if _HAS_AVX512 is None:
-        import llvmlite.binding as llvm
-
-        _HAS_AVX512 = "+avx512f" in llvm.get_host_cpu_features().flatten()
-    return _HAS_AVX512
+    (with AVX2's 16 of 8 the accumulators would spill; the gemm paths stay).  ``_HAS_AVX512``
+    overrides the detection (tests)."""
+    return engine.has_avx512() if _HAS_AVX512 is None else _HAS_AVX512
 
 
 def _applies(x, w, pads, channels: int, work: int) -> bool:

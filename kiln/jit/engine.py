@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -157,9 +158,15 @@ def range_function(mod: ir.Module, name: str, pointer_types, body, noalias: bool
     return fn
 
 
+@functools.cache
+def has_avx512() -> bool:
+    """Whether the host CPU has AVX-512 (32 vector registers of 16 floats)."""
+    return "+avx512f" in llvm.get_host_cpu_features().flatten()
+
+
 def _wide_vectors(text: str) -> str:
     """Let the loop vectorizer use 512-bit registers on AVX-512 CPUs (LLVM prefers 256 there)."""
-    if "+avx512f" not in llvm.get_host_cpu_features().flatten():
+    if not has_avx512():
         return text
     text = re.sub(r'^(define [^\n]*\))$', r"\1 #0", text, flags=re.M)
     return text + '\nattributes #0 = { nounwind "prefer-vector-width"="512" }\n'
