@@ -28,8 +28,8 @@ from kiln.jit import engine
 from kiln.jit.engine import F32, I32, I64, i64
 
 # control block: one int64 array shared with the workers
-GEN, STOP, NEXT, SLEEPERS, DONE, NPARTS, TRAMP, ARGV = range(8)  # DONE..: written per job
-BOUNDS = 8  # part i is [ctrl[BOUNDS + 2i], ctrl[BOUNDS + 2i + 1])
+GEN, NEXT, SLEEPERS, DONE, NPARTS, TRAMP, ARGV = range(7)  # DONE..: written per job
+BOUNDS = ARGV + 1  # part i is [ctrl[BOUNDS + 2i], ctrl[BOUNDS + 2i + 1])
 MAX_WORKERS = 255
 MAX_ARGS = 32
 # Spin for about this many TSC cycles (~100 us at 3 GHz) after a job before sleeping: kernels of
@@ -40,7 +40,6 @@ _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT_PRIVATE, _FUTEX_WAKE_PRIVATE = 128, 129
 _LOW = 0xFFFFFFFF
 
-_lock = threading.Lock()
 _native = None  # (worker, dispatch) ctypes functions
 _trampolines: dict = {}  # argument kinds -> trampoline address
 
@@ -116,12 +115,12 @@ class _Emitter:
 def _build(mod: ir.Module) -> None:
     e = _Emitter(mod)
 
-    # void worker(i64* ctrl, i64 gen): runs the parts of jobs posted after generation `gen`
-    # until ctrl[STOP] is set
+    # void worker(i64* ctrl, i64 gen): runs the parts of jobs posted after generation `gen`,
+    # for the life of the process (the threads are daemons)
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [e.ptr, I64]), "kiln_worker")
     ctrl, first = fn.args
-    entry, top, poll, idle, sleep, job, out = (
-        fn.append_basic_block(n) for n in ("entry", "top", "poll", "idle", "sleep", "job", "out"))
+    entry, top, poll, idle, sleep, job = (
+        fn.append_basic_block(n) for n in ("entry", "top", "poll", "idle", "sleep", "job"))
     b = ir.IRBuilder(entry)
     b.branch(top)
 
@@ -151,17 +150,11 @@ def _build(mod: ir.Module) -> None:
     b.branch(top)
 
     b.position_at_end(job)
-    stopped = b.icmp_unsigned("!=", e.load(b, ctrl, STOP), i64(0))
-    work = fn.append_basic_block("work")
-    b.cbranch(stopped, out, work)
-    b.position_at_end(work)
     finished = fn.append_basic_block("finished")
     e.claim_parts(fn, b, ctrl, g, finished)
     b.position_at_end(finished)
     last.add_incoming(g, finished)
     b.branch(top)
-    b.position_at_end(out)
-    b.ret_void()
 
     # void dispatch(i64* ctrl): post the job described in ctrl, run parts of it here until none
     # is left unclaimed, then wait for the parts that workers took
@@ -269,7 +262,8 @@ class Pool:
         self.addr = self.ctrl.ctypes.data
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
-        self.specs: dict = {}  # id(kernel) -> (kernel, address, trampoline, argument kinds)
+        # id(kernel) -> (kernel, address, trampoline, argument kinds, float argument positions)
+        self.specs: dict = {}
 
     def grow(self, n: int) -> None:
         """Have at least ``n`` workers (at most MAX_WORKERS)."""
