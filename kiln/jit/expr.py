@@ -150,13 +150,15 @@ class Kernel:
         sig = (ctypes.c_int64, ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * n_ptr
         self.fn = engine.compile_module(mod, {self.name: sig})[self.name]
 
-    def __call__(self, outs, ins) -> None:
+    def __call__(self, outs, ins, cols: int | None = None) -> None:
         """Compute into ``outs`` (C-contiguous, the output shape) from ``ins`` (C-contiguous, laid
-        out as declared); the row length comes from the first output and the declared kinds."""
+        out as declared); the row length ``cols`` comes from the first output and the declared
+        kinds unless the caller knows it already."""
         n = outs[0].size
         if n == 0:
             return
-        cols = self._cols(outs[0].shape, ins)
+        if cols is None:
+            cols = self._cols(outs[0].shape, ins)
         ptrs = tuple(map(address, outs)) + tuple(map(address, ins))
         parallel.run(self.fn, n, (cols,) + ptrs, work_per_item=self.cost)
 
