@@ -55,10 +55,6 @@ def fma(b, x, y, z):
     return _call(b, "fma", x, y, z)
 
 
-def fmin(b, x, y):
-    return _call(b, "minnum", x, y)
-
-
 def fmax(b, x, y):
     return _call(b, "maxnum", x, y)
 
@@ -69,10 +65,6 @@ def fabs(b, x):
 
 def sqrt(b, x):
     return _call(b, "sqrt", x)
-
-
-def rint(b, x):
-    return _call(b, "rint", x)
 
 
 def copysign(b, mag, sign):
