@@ -10,14 +10,10 @@ import pytest
 
 pytest.importorskip("llvmlite")
 
-from llvmlite import ir  # noqa: E402
-
 from kiln.jit import engine, parallel, workers  # noqa: E402
-from kiln.jit.engine import F32, I64, i64  # noqa: E402
+from kiln.jit.engine import F32, F64, I64  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not workers.supported(), reason="native workers: Linux x86-64")
-
-F64 = ir.DoubleType()
 
 
 def _mixed_kernel():
@@ -29,22 +25,7 @@ def _mixed_kernel():
         v = b.fadd(b.fadd(b.fpext(a, F64), d), b.sitofp(b.add(c, i), F64))
         b.store(v, b.gep(out, [i]))
 
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64, I64, F64.as_pointer(), F32,
-                                                          F64, I64]), "mixed")
-    start, stop, out, a, d, c = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
-    entry = b.block
-    b.cbranch(b.icmp_signed("<", start, stop), loop, done)
-    b.position_at_end(loop)
-    i = b.phi(I64)
-    i.add_incoming(start, entry)
-    body(b, i, out, a, d, c)
-    nxt = b.add(i, i64(1))
-    i.add_incoming(nxt, loop)
-    b.cbranch(b.icmp_signed("<", nxt, stop), loop, done)
-    b.position_at_end(done)
-    b.ret_void()
+    engine.range_function(mod, "mixed", [F64.as_pointer(), F32, F64, I64], body)
     sig = (ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double,
            ctypes.c_int64)
     return engine.compile_module(mod, {"mixed": sig})["mixed"]
