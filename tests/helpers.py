@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import kiln
@@ -415,3 +416,25 @@ def native_and_numpy(monkeypatch, f):
     want = f()
     monkeypatch.setattr(kiln.jit, "_available", True)
     return got, want
+
+
+def compiled_softmax_step_matches_eager(model, x, steps: int = 3):
+    """The step ``(softmax(model(x)) * arange).sum()`` with its backward, eager and under
+    kiln.compile ``steps`` times: the compiled loss and gradients must match eager's. Returns
+    the compiled step."""
+
+    def step(x):
+        model.zero_grad()
+        y = model(x)
+        loss = (y.softmax(-1) * kiln.arange(float(y.shape[-1]))).sum()
+        loss.backward()
+        return loss
+
+    compiled = kiln.compile(step)
+    for _ in range(steps):
+        want = step(x).item()
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        assert compiled(x).item() == pytest.approx(want, rel=1e-6)
+        for p, g in zip(model.parameters(), grads):
+            np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-5, atol=1e-6)
+    return compiled

@@ -10,6 +10,7 @@ pytest.importorskip("llvmlite")
 import kiln  # noqa: E402
 import kiln.jit  # noqa: E402
 from kiln.jit import rows  # noqa: E402
+from tests.helpers import compiled_softmax_step_matches_eager  # noqa: E402
 from tests.helpers import native_and_numpy as _both  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -280,20 +281,7 @@ def test_compiled_step_uses_the_same_kernels(monkeypatch):
     kiln.manual_seed(0)
     model = kiln.nn.Sequential(kiln.nn.Linear(64, 64), kiln.nn.LayerNorm(64))
     x = kiln.tensor(RNG.standard_normal((32, 64)).astype(np.float32))
-
-    def step(x):
-        model.zero_grad()
-        loss = (model(x).softmax(-1) * kiln.arange(64.0)).sum()
-        loss.backward()
-        return loss
-
-    compiled = kiln.compile(step)
-    for _ in range(3):
-        want = step(x).item()
-        grads = [p.grad.numpy().copy() for p in model.parameters()]
-        assert compiled(x).item() == pytest.approx(want, rel=1e-6)
-        for p, g in zip(model.parameters(), grads):
-            np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-5, atol=1e-6)
+    compiled = compiled_softmax_step_matches_eager(model, x)
     calls.update(dict.fromkeys(calls, 0))
     compiled(x)  # the generated executor, not a trace
     assert all(calls.values()), calls

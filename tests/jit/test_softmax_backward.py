@@ -13,6 +13,7 @@ import kiln  # noqa: E402
 import kiln.jit  # noqa: E402
 from kiln.jit import rows  # noqa: E402
 from kiln.ops.reduce import _softmax_backward, _sum  # noqa: E402
+from tests.helpers import compiled_softmax_step_matches_eager  # noqa: E402
 from tests.helpers import native_and_numpy as _both  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -182,20 +183,7 @@ def test_compiled_step_uses_softmax_backward(monkeypatch):
     kiln.manual_seed(0)
     lin = kiln.nn.Linear(64, 64)
     x = kiln.tensor(RNG.standard_normal((32, 64)).astype(np.float32))
-
-    def step(x):
-        lin.zero_grad()
-        loss = (lin(x).softmax(-1) * kiln.arange(64.0)).sum()
-        loss.backward()
-        return loss
-
-    compiled = kiln.compile(step)
-    for _ in range(3):
-        want = step(x).item()
-        grads = [p.grad.numpy().copy() for p in lin.parameters()]
-        assert compiled(x).item() == pytest.approx(want, rel=1e-6)
-        for p, g in zip(lin.parameters(), grads):
-            np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-5, atol=1e-6)
+    compiled = compiled_softmax_step_matches_eager(lin, x)
     calls.clear()
     compiled(x)  # the generated executor, not a trace
     assert calls
