@@ -1,5 +1,6 @@
-"""float32 matrix products on kiln.jit's threads: rows of the result split over the worker pool,
-each part one single-threaded call to numpy's own OpenBLAS (``cblas_sgemm``).
+"""float32 matrix products on kiln.jit's threads: rows (or, for a wide result, columns) of the
+result split over the worker pool, each part one single-threaded call to numpy's own OpenBLAS
+(``cblas_sgemm``).
 
 Left to itself, OpenBLAS runs its own thread pool, whose idle threads keep polling for ~0.1 s
 after each product: inside a training step they hold the second core while kiln.jit's kernels
@@ -33,10 +34,11 @@ _MACS_PER_UNIT = 15
 # OpenBLAS runs products below 4 * 65536 multiply-adds on the calling thread (its
 # GEMM_MULTITHREAD_THRESHOLD): those stay with numpy, which calls it with less overhead
 MIN_MACS = 1 << 18
-# Products below this many multiply-adds run whole on the calling thread: splitting the mlp's
-# (4-13M) made its step slower (2.19 vs 2.00 ms), splitting the gpt's (17-67M) made its faster
-# (72 vs 86 ms)
-SPLIT_MACS = 1 << 24
+# Products below this many multiply-adds run whole on the calling thread.  Split by columns
+# when the result is wide (each part then packs only its columns of op(B)), the mlp's 4-13M
+# products run as fast as numpy's two OpenBLAS threads (64x784 @ 784x256: 140 us, 225 us on one
+# thread) and its eager step went from 2.03 to 1.97 ms in an interleaved A/B
+SPLIT_MACS = 1 << 20
 _F32 = np.dtype(np.float32)
 _fn = None  # the compiled part kernel, False when numpy's OpenBLAS is not found
 
@@ -55,8 +57,9 @@ def _openblas_symbols() -> dict | None:
 
 
 def _kernel():
-    """``void gemm_rows(i64 r0, i64 r1, i64 ta, i64 tb, i64 n, i64 k, A, lda, B, ldb, C, ldc)``:
-    rows [r0, r1) of C = op(A) @ op(B), one single-threaded sgemm."""
+    """``void gemm_part(i64 p0, i64 p1, i64 cols, i64 ta, i64 tb, i64 m, i64 n, i64 k, A, lda,
+    B, ldb, C, ldc)``: rows [p0, p1) of C = op(A) @ op(B), or its columns [p0, p1) when
+    ``cols``, as one single-threaded sgemm; False when numpy's OpenBLAS is not found."""
     global _fn
     if _fn is None:
         syms = _openblas_symbols()
@@ -67,34 +70,36 @@ def _kernel():
 
         for name, addr in syms.items():
             llvm.add_symbol(name, addr)
-        mod = engine.new_module("gemm_rows")
+        mod = engine.new_module("gemm_part")
         p8 = ir.IntType(8).as_pointer()
         pf = F32.as_pointer()
         sgemm = ir.Function(mod, ir.FunctionType(ir.VoidType(), [
             I32, I32, I32, I64, I64, I64, F32, pf, I64, pf, I64, F32, pf, I64]), _SGEMM)
         local = ir.Function(mod, ir.FunctionType(I32, [I32]), _LOCAL)
-        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64] * 6 + [p8, I64, p8, I64, p8,
-                                                                          I64]), "gemm_rows")
-        r0, r1, ta, tb, n, k, a, lda, b_, ldb, c, ldc = fn.args
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I64] * 8 + [p8, I64, p8, I64, p8,
+                                                                          I64]), "gemm_part")
+        p0, p1, cols, ta, tb, m, n, k, a, lda, b_, ldb, c, ldc = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         a, b_, c = (b.bitcast(p, pf) for p in (a, b_, c))
-        transposed = b.icmp_unsigned("!=", ta, i64(0))
-        a_off = b.select(transposed, r0, b.mul(r0, lda))  # op(A)'s row r0: a column of A if ta
-
-        def flag(t):
-            return b.select(b.icmp_unsigned("!=", t, i64(0)), ir.Constant(I32, _TRANS),
-                            ir.Constant(I32, _NO_TRANS))
-
+        by_cols = b.icmp_unsigned("!=", cols, i64(0))
+        a_t, b_t = (b.icmp_unsigned("!=", t, i64(0)) for t in (ta, tb))
+        # row p0 of op(A) is column p0 of A when A is transposed; likewise column p0 of op(B)
+        a_off = b.select(by_cols, i64(0), b.select(a_t, p0, b.mul(p0, lda)))
+        b_off = b.select(by_cols, b.select(b_t, b.mul(p0, ldb), p0), i64(0))
+        c_off = b.select(by_cols, p0, b.mul(p0, ldc))
+        rows = b.select(by_cols, m, b.sub(p1, p0))
+        width = b.select(by_cols, b.sub(p1, p0), n)
+        trans, no_trans = ir.Constant(I32, _TRANS), ir.Constant(I32, _NO_TRANS)
         prev = b.call(local, [ir.Constant(I32, 1)])
-        one, zero = ir.Constant(F32, 1.0), ir.Constant(F32, 0.0)
-        b.call(sgemm, [ir.Constant(I32, _ROW_MAJOR), flag(ta), flag(tb), b.sub(r1, r0), n, k,
-                       one, b.gep(a, [a_off]), lda, b_, ldb, zero, b.gep(c, [b.mul(r0, ldc)]),
-                       ldc])
+        b.call(sgemm, [ir.Constant(I32, _ROW_MAJOR), b.select(a_t, trans, no_trans),
+                       b.select(b_t, trans, no_trans), rows, width, k, ir.Constant(F32, 1.0),
+                       b.gep(a, [a_off]), lda, b.gep(b_, [b_off]), ldb, ir.Constant(F32, 0.0),
+                       b.gep(c, [c_off]), ldc])
         b.call(local, [prev])
         b.ret_void()
         L, P = ctypes.c_int64, ctypes.c_void_p
-        _fn = engine.compile_module(mod, {"gemm_rows": (L,) * 6 + (P, L, P, L, P, L)})[
-            "gemm_rows"]
+        _fn = engine.compile_module(mod, {"gemm_part": (L,) * 8 + (P, L, P, L, P, L)})[
+            "gemm_part"]
     return _fn
 
 
@@ -108,9 +113,9 @@ def _operand(x: np.ndarray):
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
-    """``a @ b`` for 2-D float32 arrays (each row-major or a transposed view), split by rows over
-    kiln.jit's threads, into ``out`` (rows contiguous) when given; None (nothing written) when
-    the arrays do not qualify or OpenBLAS is not numpy's."""
+    """``a @ b`` for 2-D float32 arrays (each row-major or a transposed view), split by rows or
+    columns over kiln.jit's threads, into ``out`` (rows contiguous) when given; None (nothing
+    written) when the arrays do not qualify or OpenBLAS is not numpy's."""
     if (a.dtype != _F32 or b.dtype != _F32 or a.ndim != 2 or b.ndim != 2
             or min(a.shape[0], b.shape[1]) < 2 or a.shape[1] == 0):
         return None  # a row or column result is numpy's gemv, whose sums round differently
@@ -129,10 +134,13 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
         return None
     if out is None:
         out = np.empty((m, n), _F32)
-    args = (int(pa[0]), int(pb[0]), n, k, a.ctypes.data, pa[1], b.ctypes.data, pb[1],
+    args = (int(pa[0]), int(pb[0]), m, n, k, a.ctypes.data, pa[1], b.ctypes.data, pb[1],
             out.ctypes.data, out.strides[0] // 4)
     if m * n * k < SPLIT_MACS:
-        fn(0, m, *args)
-    else:
-        parallel.run(fn, m, args, work_per_item=max(1, n * k // _MACS_PER_UNIT), align=16)
+        fn(0, m, 0, *args)
+    elif m >= n:
+        parallel.run(fn, m, (0,) + args, work_per_item=max(1, n * k // _MACS_PER_UNIT), align=16)
+    else:  # each part packs only its own columns of op(B), not all of it
+        parallel.run(fn, n, (1,) + args, work_per_item=max(1, m * k // _MACS_PER_UNIT), align=16)
     return out
+

@@ -1,4 +1,4 @@
-"""kiln.jit.blas: float32 products split by rows over kiln.jit's threads, each part a
+"""kiln.jit.blas: float32 products split by rows or columns over kiln.jit's threads, each part a
 single-threaded call to numpy's OpenBLAS, against numpy's own product."""
 
 import numpy as np
@@ -30,9 +30,11 @@ def _operands(m, k, n, ta, tb):
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two threads, and every product above MIN_MACS split between them."""
     before = parallel.num_threads()
     parallel.set_num_threads(2)
+    monkeypatch.setattr(blas, "SPLIT_MACS", 0)
     yield
     parallel.set_num_threads(before)
 
@@ -47,13 +49,14 @@ def test_products_match_numpy(two_threads, m, k, n, ta, tb):
     _close(got, a, b)
 
 
-def test_writes_into_out_with_row_stride(two_threads):
-    a, b = _operands(300, 100, 50, 0, 1)
-    big = np.full((300, 70), np.nan, np.float32)
-    out = big[:, 10:60]
+@pytest.mark.parametrize("m, n", [(300, 50), (50, 300)])  # split by rows, by columns
+def test_writes_into_out_with_row_stride(two_threads, m, n):
+    a, b = _operands(m, 100, n, 0, 1)
+    big = np.full((m, n + 20), np.nan, np.float32)
+    out = big[:, 10:n + 10]
     assert blas.matmul(a, b, out) is out
     _close(out, a, b)
-    assert np.isnan(big[:, :10]).all() and np.isnan(big[:, 60:]).all()
+    assert np.isnan(big[:, :10]).all() and np.isnan(big[:, n + 10:]).all()
 
 
 @pytest.mark.parametrize("case", ["row", "column", "small", "float64", "strided", "overlap"])
