@@ -25,7 +25,7 @@ import numpy as np
 from kiln import jit
 from kiln.graph.ir import Node
 from kiln.ops.conv import _conv2d_into
-from kiln.ops.linalg import mm2
+from kiln.ops.linalg import mm2, mm_batched
 from kiln.ops.reduce import _BLAS_FLOATS, _count, _ones
 
 # As in eager mode (kiln/ops/elementwise.py): inf and nan results are silent, as in PyTorch.
@@ -328,7 +328,7 @@ def _k_matmul(out, a, b, ta, tb):
         return out
     if a.ndim == 2 and b.ndim == 2:
         return mm2(a, b, out=out)
-    return np.matmul(a, b, out=out)
+    return mm_batched(a, b, out=out)
 
 
 @_kernel("linear", _linear_ok, unsafe=(0, 1, 2))
