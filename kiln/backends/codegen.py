@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from kiln.backends.kernels import FRESH, OUT_KERNELS, UFUNCS, UNSAFE, kernel_accepts
+from kiln.backends.kernels import (FRESH, OUT_KERNELS, UFUNCS, UNSAFE, kernel_accepts,
+                                   native_kernel)
 from kiln.graph.ir import Graph, Node, format_node, type_str
 from kiln.graph.symbolic import Sym, has_sym, rebuild, resolve
 
@@ -386,6 +387,9 @@ class _Gen:
         self.set_storage(n, keys)
 
     def _kernel_call(self, n: Node, args: str, attrs: str, out: str) -> str:
+        native = native_kernel(n)
+        if native is not None:
+            return f"{self.bind(native.__name__, native)}({out}, {args})"
         uf = UFUNCS.get(n.op)
         if uf is not None:
             ufunc, extra = uf

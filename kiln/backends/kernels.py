@@ -17,6 +17,7 @@ Metadata read by the code generator:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -113,6 +114,37 @@ def _linear_ok(n: Node) -> bool:
 
 def _sum_ok(n: Node) -> bool:
     return n.dtype in _BLAS_FLOATS and n.inputs[0].dtype == n.dtype
+
+
+# -- kiln.jit's eager kernels as out-kernels -----------------------------------------------------
+
+_NATIVE_OPS = frozenset({"add", "sub", "mul", "div", "relu", "relu_backward", "where"})
+_native_kernels: dict[str, Callable] = {}
+
+
+def native_kernel(n: Node) -> Callable | None:
+    """For a big float32 add/sub/mul/div (a bias or per-row operand), relu, relu's gradient or
+    where: an out-kernel that runs kiln.jit's one-pass eager kernel (kiln/jit/eager_ops.py,
+    bitwise numpy's) on both threads and otherwise the node's own out-kernel; else None."""
+    if n.op not in _NATIVE_OPS or n.dtype != np.float32 or not jit.available():
+        return None
+    from kiln.jit.eager_ops import MIN_SIZE, run
+
+    if all(isinstance(d, int) for d in n.shape) and math.prod(n.shape) < MIN_SIZE:
+        return None  # a dynamic size is checked at run time
+    k = _native_kernels.get(n.op)
+    if k is None:
+
+        op, plain = n.op, OUT_KERNELS[n.op]
+
+        def k(out, *arrays):
+            if run(op, arrays, out) is None:
+                plain(out, *arrays)
+            return out
+
+        k.__name__ = f"k_native_{op}"
+        k = _native_kernels[op] = k
+    return k
 
 
 # -- registration --------------------------------------------------------------------------------

@@ -71,9 +71,10 @@ def _plan(op: str, arrays):
     return kern, tuple(kinds), out_shape, max(math.prod(out_shape[k:]), 1), size * plain
 
 
-def run(op: str, arrays: tuple) -> np.ndarray | None:
-    """``op`` over ``arrays`` (numpy broadcasting) in a fresh float32 array, or None when the
-    numpy implementation should run instead."""
+def run(op: str, arrays: tuple, out: np.ndarray | None = None) -> np.ndarray | None:
+    """``op`` over ``arrays`` (numpy broadcasting) in a fresh float32 array, or into ``out``
+    (C-contiguous float32 of the result's shape, overlapping no input unless it is that input
+    exactly); None (nothing written) when the numpy implementation should run instead."""
     for a in arrays:
         if type(a) is _ndarray and a.size >= MIN_SIZE:
             break
@@ -93,6 +94,10 @@ def run(op: str, arrays: tuple) -> np.ndarray | None:
     kern, kinds, out_shape, cols, plain_size = plan
     if plain_size and (plain_size < PLAIN_SIZE or parallel.num_threads() < 2):
         return None
+    if out is not None and (out.dtype != _F32 or out.shape != out_shape
+                            or not out.flags.c_contiguous or any(
+                                a is not out and np.may_share_memory(a, out) for a in arrays)):
+        return None
     ins = []  # holds the contiguous copies alive during the call
     for a, kind in zip(arrays, kinds):
         if not a.flags.c_contiguous:
@@ -100,6 +105,7 @@ def run(op: str, arrays: tuple) -> np.ndarray | None:
                 return None
             a = np.ascontiguousarray(a)
         ins.append(a)
-    out = np.empty(out_shape, _F32)
+    if out is None:
+        out = np.empty(out_shape, _F32)
     kern([out], ins, cols)  # the row length kept in the plan: ~3 us less than working it out
     return out

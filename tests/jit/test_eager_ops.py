@@ -258,3 +258,18 @@ def test_module_step_matches_numpy_path(monkeypatch, small):
     got = run()
     for g, r in zip(got, ref):
         _same(g, r)
+
+
+def test_run_into_out_declines_overlap_but_takes_the_input_itself(jit_on):
+    from kiln.jit import eager_ops
+
+    x = np.random.default_rng(3).standard_normal((256, 512)).astype(np.float32)
+    b = np.random.default_rng(4).standard_normal(512).astype(np.float32)
+    want = x + b
+    assert eager_ops.run("add", (x, b), out=x) is x  # in place: element i read before written
+    np.testing.assert_array_equal(x, want)
+    big = np.zeros((257, 512), np.float32)
+    shifted = big[1:]  # overlaps big[:-1] one row off
+    assert eager_ops.run("add", (big[:-1], b), out=shifted) is None
+    assert not big.any()
+    assert eager_ops.run("add", (x, b), out=np.empty((256, 512), np.float64)) is None

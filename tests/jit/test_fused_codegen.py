@@ -293,3 +293,28 @@ def test_exported_program_with_and_without_the_jit(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_single_big_ops_run_the_native_eager_kernels():
+    """Unfused float32 bias adds, relu, where and relu's gradient of 64k+ elements run kiln.jit's
+    eager kernels into their buffers, bitwise as the interpreter."""
+    g = Graph()
+    x = g.add_input("x", (256, 512), F32)
+    b = g.add_input("b", (512,), F32)
+    y = g.add_input("y", (256, 512), F32)
+    m = g.add_input("m", (256, 512), BOOL)
+    a = g.add("add", [x, b])  # each intermediate has two users: no fused groups
+    r = g.add("relu", [a])
+    w = g.add("where", [m, r, y])
+    g.outputs = {"rb": g.add("relu_backward", [w, a]), "s": g.add("add", [r, w])}
+    rng = np.random.default_rng(11)
+    arrays = [awkward((256, 512), 11), awkward((512,), 12), awkward((256, 512), 13),
+              rng.random((256, 512)) > 0.5]
+    on = check(g, arrays, expect_native=False)
+    for op in ("add", "relu", "where", "relu_backward"):
+        assert f"k_native_{op}(" in on.source, on.source
+    small = Graph()
+    xs = small.add_input("x", (8, 512), F32)
+    t = small.add("add", [xs, small.add_input("b", (512,), F32)])
+    small.outputs = {"y": small.add("mul", [t, small.add("relu", [t])])}
+    assert "k_native_" not in check(small, [awkward((8, 512), 14), awkward((512,), 15)]).source
