@@ -7,13 +7,16 @@ statements).  Only operations whose float32 results are bitwise equal to numpy's
 a compiled graph computes the same bits with or without the JIT.  Body nodes of shape ``()``
 (an optimizer's bias corrections in float64) run first through their numpy impls and enter the
 kernel as scalars.  Kernels are compiled when the graph is compiled and shared by every group
-with the same body structure and input layouts.
+with the same body structure and input layouts; inside ``one_module`` the new kernels of a
+graph are compiled together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import threading
 import weakref
 
 import numpy as np
@@ -131,7 +134,7 @@ class _Runner:
     """``run(out, *inputs)``: the 0-d prologue in numpy, then one kernel call over ``out``."""
 
     def __init__(self, kernel, split, kinds, outer, tail, prologue, slots) -> None:
-        self.fn, self.cost = kernel.fn, kernel.cost
+        self.kernel, self.cost = kernel, kernel.cost  # kernel.fn: set once it is compiled
         self.split = split if any(k in ("row", "col") for k in kinds) else None
         self.outer = outer  # [(kernel input, outer input, may alias out, is full)]
         self.tail = tail  # constants, then 0-d buffers: the values after the outer inputs
@@ -171,12 +174,29 @@ class _Runner:
         cols = n if self.split is None else math.prod(out.shape[self.split:])
         args = (cols, _address(target), *ptrs)
         if n * self.cost < PARALLEL_WORK:
-            self.fn(0, n, *args)
+            self.kernel.fn(0, n, *args)
         else:
-            parallel.run(self.fn, n, args, work_per_item=self.cost)
+            parallel.run(self.kernel.fn, n, args, work_per_item=self.cost)
         if target is not out:
             np.copyto(out, target)
         return out
+
+
+_open = threading.local()  # .batch: the X.Batch of one_module in this thread
+
+
+@contextlib.contextmanager
+def one_module(name: str):
+    """Compile the kernels that ``runner`` makes inside into one module, on leaving."""
+    if getattr(_open, "batch", None) is not None:  # nested: the outer one compiles
+        yield
+        return
+    batch = _open.batch = X.Batch(f"fused_{name}")
+    try:
+        yield
+    finally:
+        _open.batch = None
+        batch.compile()
 
 
 def runner(node: Node, aliased=frozenset()):
@@ -250,7 +270,8 @@ def runner(node: Node, aliased=frozenset()):
     name = "fz_" + hashlib.sha1(";".join(key).encode()).hexdigest()[:12]
     try:
         # overlaps other than element for element are copied first by _Runner
-        k = X.kernel(name, len(kinds), build, kinds, dtypes, noalias=True)
+        k = X.kernel(name, len(kinds), build, kinds, dtypes, noalias=True,
+                     batch=getattr(_open, "batch", None))
     except Exception:  # noqa: BLE001 - a group the code generator cannot build keeps numpy
         return None
     n_in = len(body.inputs)

@@ -60,6 +60,9 @@ class Tracer:
         self.arrays: dict = {}  # id(ndarray) -> Node: detach() and friends alias a value
         self.created: dict = {}  # id(tensor) -> tensor made during the trace outside primitives
         self.pending: dict = {}  # id(tensor) -> (tensor, input Node) for created tensors used
+        # id(array) -> pending Node whose value is still that array itself (not yet written)
+        self.unwritten: dict = {}
+        self.zeros: set = set()  # pending Nodes whose first value was all zero bytes
         self.captured: dict = {}  # id(tensor) -> (tensor, input Node): pre-existing tensors
         self.mutated: dict = {}  # id(tensor) -> (tensor, Node): final values of in-place writes
         self.args: dict = {}  # id(tensor) -> (tensor, input Node) for the arguments
@@ -126,7 +129,10 @@ class Tracer:
             return n
         if id(t) in self.created:  # made during the trace: a constant, or new state (finalize)
             n = Node("input", (), {}, t._data.shape, t._data.dtype, name="", kind="created")
-            n.attrs = {"value": np.array(t._data)}  # its value when first read
+            # its value when first read: copied only before a write (_keep_first) or when it
+            # ends as a constant (settle), not when it is state that lives on
+            n.attrs = {"value": t._data}
+            self.unwritten[id(t._data)] = n
             self.pending[id(t)] = (t, n)
             # in the inputs where it was first read (as a later trace, where it exists before
             # the call, would capture it) until settle decides whether it is state or constant
@@ -194,6 +200,7 @@ class Tracer:
             n = self._add("expand", [n], {"shape": target._data.shape}, target._data.shape,
                           n.dtype)
         self.node_of(target)  # make sure its old value is known (captured or constant)
+        self._keep_first(target._data)
         self.values[id(target)] = n
         self.arrays[id(target._data)] = n
         if id(target) in self.captured or id(target) in self.created or id(target) in self.args:
@@ -248,6 +255,18 @@ class Tracer:
         raise TraceError(f"{self._where()}{message} (tracing {self.name} for kiln.compile)")
 
     # -- helpers -------------------------------------------------------------------------------
+    def _keep_first(self, a: np.ndarray) -> None:
+        """``a`` is about to be written in place: the created input whose value it is keeps a
+        copy (all zero bytes, as an optimizer's new state, cost nothing until settle)."""
+        n = self.unwritten.pop(id(a), None)
+        if n is None:
+            return
+        if a.flags.c_contiguous and not a.reshape(-1).view(np.uint8).any():
+            n.attrs = {"value": np.broadcast_to(np.zeros((), a.dtype), a.shape)}
+            self.zeros.add(n)
+        else:
+            n.attrs = {"value": a.copy()}
+
     def _add(self, op, inputs, attrs, shape, dtype) -> Node:
         n = Node(op, inputs, attrs, shape, dtype, loc=self.loc())
         self.graph.nodes.append(n)
@@ -304,7 +323,8 @@ class Tracer:
         t = None  # noqa: F841 - drop the loop's reference before testing liveness
         self.keep, self.traced, self._watch_refs = [], [], []
         self.values, self.arrays, self.created = {}, {}, {}
-        self.pending = {}
+        lazy = self.zeros.union(self.unwritten.values())
+        self.pending, self.unwritten, self.zeros = {}, {}, set()
         if any(r() is not None for r in refs) or any(w() is not None for w, _ in states.values()):
             gc.collect()  # in-place ops leave reference cycles between a tensor and its node
         consts = []
@@ -318,6 +338,8 @@ class Tracer:
                     self.mutated[key] = (t, mutated[key][1])
             else:  # a temporary (perhaps written in place): its first value is a constant
                 n.op, n.kind = "const", ""
+                if n in lazy:  # its own array now, not a view of zeros or of another's data
+                    n.attrs = {"value": np.array(n.attrs["value"])}
                 consts.append(n)
         t = None  # noqa: F841
         self.mutated = {key: self.mutated[key] for key in order if key in self.mutated}

@@ -11,6 +11,7 @@ mode) and keeps the graph for the next calls; the reason is recorded in ``histor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -708,9 +709,22 @@ def _executor(g: Graph, updates: dict, backend: str, name: str):
 
     # update values are written back into their tensors; everything else reaches the user
     returned = [k for k in g.outputs if not k.startswith("update:")]
-    ex = Executor(g, plan(g, writes_out, updates, returned=returned), name, check_inputs=False)
+    with _kernels_together(name):
+        ex = Executor(g, plan(g, writes_out, updates, returned=returned), name,
+                      check_inputs=False)
     _debug(3, ex.source)
     return ex
+
+
+def _kernels_together(name: str):
+    """A graph's new native kernels compiled as one module (kiln.jit), when the JIT is on."""
+    from kiln import jit
+
+    if not jit.available():
+        return contextlib.nullcontext()
+    from kiln.backends.jit_fused import one_module
+
+    return one_module(name)
 
 
 def _debug(level: int, text: str) -> None:

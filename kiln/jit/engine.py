@@ -191,8 +191,13 @@ def compile_module(mod: ir.Module, signatures: dict) -> dict:
         engine = llvm.create_mcjit_compiler(m, tm)
         engine.finalize_object()
         _engines.append(engine)
-        return {name: ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
-                for name, argtypes in signatures.items()}
+        fns = {name: ctypes.CFUNCTYPE(None, *argtypes)(engine.get_function_address(name))
+               for name, argtypes in signatures.items()}
+        # the machine code belongs to the engine's memory manager: the IR (~40 KB a module)
+        # is no longer needed once the addresses are known
+        engine.remove_module(m)
+        m.close()
+        return fns
 
 
 def assembly(mod: ir.Module) -> str:

@@ -133,22 +133,31 @@ class Kernel:
     """A compiled elementwise kernel for one expression and one choice of input kinds."""
 
     def __init__(self, outputs, in_kinds, in_dtypes, name: str | None = None,
-                 noalias: bool = False) -> None:
+                 noalias: bool = False, batch: Batch | None = None) -> None:
         """``noalias``: promise that no input overlaps an output except element for element
         (an output written in place of a full input it reads). Reading element i before writing
         element i keeps the vectorized loop correct there; without the promise LLVM checks for
-        overlap at run time and sends in-place calls to its scalar loop (2x slower)."""
+        overlap at run time and sends in-place calls to its scalar loop (2x slower).
+        ``batch``: build into its module; ``fn`` is set when the batch is compiled."""
         self.outputs = [lift(o) for o in outputs]
         self.noalias = noalias
         self.in_kinds = tuple(in_kinds)
         self.in_dtypes = tuple(in_dtypes)
         self.name = name or f"k{next(_names)}"
         self.cost = _cost(self.outputs)
+        self.fn = None
+        n_ptr = len(self.outputs) + len(self.in_kinds)
+        self.signature = (ctypes.c_int64,) * 3 + (ctypes.c_void_p,) * n_ptr
+        if batch is not None:
+            try:
+                self._build(batch.module)
+            except Exception:
+                batch.module.globals.pop(self.name, None)  # the other kernels stay valid
+                raise
+            return
         mod = engine.new_module(self.name)
         self._build(mod)
-        n_ptr = len(self.outputs) + len(self.in_kinds)
-        sig = (ctypes.c_int64, ctypes.c_int64, ctypes.c_int64) + (ctypes.c_void_p,) * n_ptr
-        self.fn = engine.compile_module(mod, {self.name: sig})[self.name]
+        self.fn = engine.compile_module(mod, {self.name: self.signature})[self.name]
 
     def __call__(self, outs, ins, cols: int | None = None) -> None:
         """Compute into ``outs`` (C-contiguous, the output shape) from ``ins`` (C-contiguous, laid
@@ -318,19 +327,44 @@ def inputs(n: int, dtypes: str | None = None) -> list[Expr]:
 _cache: dict = {}
 
 
+class Batch:
+    """Kernels built into one IR module and compiled together: one optimization pipeline and
+    one engine instead of one each (each costs ~10 ms and ~120 KB that LLVM keeps).  They join
+    the shared cache once compiled, so no other caller meets a kernel without code."""
+
+    def __init__(self, name: str) -> None:
+        self.module = engine.new_module(name)
+        self.pending: dict = {}  # cache key -> Kernel built into the module
+
+    def compile(self) -> None:
+        """Compile the kernels built so far and set their ``fn``."""
+        pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        fns = engine.compile_module(self.module,
+                                    {k.name: k.signature for k in pending.values()})
+        for key, k in pending.items():
+            k.fn = fns[k.name]
+            _cache.setdefault(key, k)
+
+
 def kernel(key, n_in: int, build, in_kinds=None, in_dtypes: str | None = None,
-           noalias: bool = False) -> Kernel:
+           noalias: bool = False, batch: Batch | None = None) -> Kernel:
     """The compiled kernel for ``build(*inputs)`` (an Expr or a tuple of them), once per key
-    (``noalias``: see Kernel)."""
+    (``noalias``: see Kernel).  With ``batch``, a kernel not compiled yet is built into the
+    batch's module and gets its ``fn`` when the batch is compiled."""
     in_kinds = tuple(in_kinds or ("full",) * n_in)
     in_dtypes = in_dtypes or "f" * n_in
     full = (key, in_kinds, in_dtypes, noalias)
     k = _cache.get(full)
+    if k is None and batch is not None:
+        k = batch.pending.get(full)
     if k is None:
         outs = build(*inputs(n_in, in_dtypes))
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        k = _cache[full] = Kernel(outs, in_kinds, in_dtypes, name=f"{key}_{len(_cache)}",
-                                  noalias=noalias)
+        name = f"{key}_{len(_cache) + (len(batch.pending) if batch else 0)}"
+        k = Kernel(outs, in_kinds, in_dtypes, name=name, noalias=noalias, batch=batch)
+        (_cache if batch is None else batch.pending)[full] = k
     return k
 
 

@@ -320,8 +320,10 @@ _eager_run: list = []  # kiln.jit.eager_ops.run, imported on first use (it needs
 
 
 def _native(op: str, *arrays):
-    """The native result of a big float32 ``op`` (kiln.jit.eager_ops), or None for numpy."""
-    if not jit.available():
+    """The native result of a big float32 ``op`` (kiln.jit.eager_ops), or None for numpy.
+    Not while kiln.compile traces: one run is not worth compiling kernels for (the graph's
+    elementwise groups are fused; its other ops get their kernels when it first runs)."""
+    if STATE.tracer is not None or not jit.available():
         return None
     if not _eager_run:
         from kiln.jit import eager_ops
