@@ -231,7 +231,7 @@ def _k_relu_backward(out, g, y):
 
 
 # ~1.5x faster than the impl's three passes; used fresh where the result has no planned buffer
-# (the cnn step's relu gradients feed the convolution impls, whose inputs stay fresh arrays)
+# (a gradient that is a graph output)
 FRESH.add("relu_backward")
 
 

@@ -253,7 +253,7 @@ def _exact_pads(pads, H, W, Ho, Wo, kh, kw, stride, dilation) -> tuple:
 # Large batches are convolved a few images at a time.  The column matrices of a whole batch
 # of 256 (57M elements for the cnn's second layer, with its product) fall out of the caches
 # between the gather and the gemm and page-fault in again as fresh temporaries at every call
-# (see the FRESH_INPUT_OPS comment in kiln/graph/passes/memory.py).  Chunks of about
+# (glibc's thresholds, fixed by kiln/_malloc.py, keep smaller ones mapped).  Chunks of about
 # _CHUNK_ELEMS elements (4 MB of float32) for the channels-last paths, whose gemms are
 # compute-bound, and _PLANES_CHUNK (1 MB) for the per-sample path, whose few-channel gemm
 # (K = 25 for a first layer) streams its operand once and runs best from L2: at batch 256 the

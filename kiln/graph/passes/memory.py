@@ -111,10 +111,6 @@ def _default_overwrite_ok(n: Node, position: int) -> bool:
     return unsafe is not None and position not in unsafe
 
 
-FRESH_INPUT_OPS = frozenset({"conv2d", "conv2d_weight", "conv_transpose2d", "max_pool2d",
-                             "max_pool2d_indices", "pool_scatter", "avg_pool2d"})
-
-
 def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
          alias_safe: Callable[[Node], bool] | None = None,
          returned: Collection[str] | None = None,
@@ -134,21 +130,6 @@ def plan(g: Graph, writes_out: Callable[[Node], bool], updates: dict,
     ``position`` when that value dies at the node (None: never; see the module doc).
     """
     alias_safe = alias_safe or _default_alias_safe
-    # Values read by the convolution and pooling impls stay fresh arrays.  Without this rule the
-    # cnn training step is ~20% slower (35.2 vs 29.9 ms, OPENBLAS_NUM_THREADS=1), and not
-    # because of the buffers themselves: those impls allocate large temporaries (a 20 MB
-    # im2col matrix, a 10 MB product) at every call, and with the smaller heap that planned
-    # inputs leave, glibc's dynamic thresholds hand them back to the OS (munmap / heap trim) and
-    # the next step page-faults them in again: ~2,200 minor faults and ~6 ms of system time per
-    # step, against none with this rule.  Fixed thresholds (mallopt M_MMAP_THRESHOLD=32 MB,
-    # M_TRIM_THRESHOLD=128 MB) remove the faults and the difference, but are process-wide and
-    # made the eager cnn step ~10% slower, so the rule stays.
-    fresh = {i for n in g.nodes if n.op in FRESH_INPUT_OPS for i in n.inputs}
-    if fresh:
-        wants_slot = writes_out
-
-        def writes_out(n: Node) -> bool:
-            return n not in fresh and wants_slot(n)
     pos: dict[Node, float] = {n: -1 for n in g.inputs}
     pos.update({n: k for k, n in enumerate(g.nodes)})
     for p, n in updates.items():
