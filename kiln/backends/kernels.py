@@ -134,7 +134,6 @@ def native_kernel(n: Node) -> Callable | None:
         return None  # a dynamic size is checked at run time
     k = _native_kernels.get(n.op)
     if k is None:
-
         op, plain = n.op, OUT_KERNELS[n.op]
 
         def k(out, *arrays):
@@ -143,7 +142,7 @@ def native_kernel(n: Node) -> Callable | None:
             return out
 
         k.__name__ = f"k_native_{op}"
-        k = _native_kernels[op] = k
+        _native_kernels[op] = k
     return k
 
 
@@ -297,21 +296,18 @@ def _k_index_put(out, x, values, indices, index, dims, accumulate):
     # The embedding backward: np.add.at adds row by row in order of occurrence (~1.7 us a row).
     # The same additions in the same order per row, as one fancy add per occurrence level
     # (the rows within a level are distinct), are bitwise equal and ~4x faster.
-    # kiln.jit's scatter loop does the same additions natively (35 us for the gpt's, not 0.6 ms).
-    from kiln.ops.index import _index_put_impl, _native_rows_add
+    # kiln.jit's scatter loop, which the impl's _rows_add runs for float32, does them natively
+    # (35 us for the gpt's, not 0.6 ms).
+    from kiln.ops.index import _rows_add
 
+    np.copyto(out, x)
     rows = indices[0].reshape(-1)
+    levels = None if out.dtype == np.float32 and jit.available() else _occurrence_levels(rows)
+    if levels is None:
+        _rows_add(out, indices[0], values)  # what the impl does, into out
+        return out
     vals = np.broadcast_to(values, indices[0].shape + out.shape[1:]).reshape(
         (rows.size,) + out.shape[1:])
-    if out.dtype == np.float32 and jit.available() and rows.size:
-        np.copyto(out, x)
-        if _native_rows_add(out, rows, vals):
-            return out
-    levels = _occurrence_levels(rows)
-    if levels is None:
-        np.copyto(out, _index_put_impl(x, values, indices, index, dims, accumulate))
-        return out
-    np.copyto(out, x)
     for sel in levels:
         out[rows[sel]] += vals[sel]
     return out

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 
@@ -37,7 +37,7 @@ _cache: dict = {}
 @functools.lru_cache(maxsize=None)
 def _shape_regs() -> tuple:
     """(lanes per vector, vector registers usable for accumulators) on this CPU."""
-    if "+avx512f" in llvm.get_host_cpu_features().flatten():
+    if engine.has_avx512():
         return 16, 24
     return 8, 12
 
@@ -208,9 +208,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None):
         batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except ValueError:
         return None
-    nbatch = 1
-    for s in batch:
-        nbatch *= s
+    nbatch = math.prod(batch)
     if nbatch < 2:
         return None
     m, k = a.shape[-2:]
