@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 
-class _State:
-    __slots__ = ("grad_enabled", "tracer")
+class _State(threading.local):
+    """Per thread, as PyTorch's grad mode: a server thread's ``no_grad`` does not switch off
+    the training thread's autograd.  A new thread starts with gradients enabled."""
 
     def __init__(self):
         self.grad_enabled = True

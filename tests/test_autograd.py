@@ -109,6 +109,36 @@ def test_no_grad_restores_state_after_an_exception():
     assert kiln.is_grad_enabled()
 
 
+def test_grad_mode_is_per_thread_as_in_pytorch():
+    """Another thread inside no_grad (a server answering requests) leaves this thread's
+    autograd on, and a new thread starts with gradients enabled."""
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def server():
+        with kiln.no_grad():
+            seen["server"] = kiln.is_grad_enabled()
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=server)
+    t.start()
+    try:
+        assert inside.wait(5)
+        x = kiln.ones(2, requires_grad=True)
+        assert kiln.is_grad_enabled() and (x * 2).requires_grad
+    finally:
+        release.set()
+        t.join()
+    assert seen["server"] is False
+    with kiln.no_grad():
+        fresh = threading.Thread(target=lambda: seen.update(fresh=kiln.is_grad_enabled()))
+        fresh.start()
+        fresh.join()
+    assert seen["fresh"] is True
+
+
 def test_detach_cuts_the_graph_and_shares_storage():
     a = randn(3)
     kx, tx = both(a)

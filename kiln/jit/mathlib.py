@@ -5,7 +5,8 @@ these follow the Cephes single-precision algorithms (range reduction, a short po
 exponent set through the float's bits), accurate to about 1 ulp over float32's range, with
 explicit fma (IR has no contraction without fast-math flags) and few operations per element:
 the vector loops are bound by instruction throughput, not by latency or memory.  Every
-function takes and returns an ``ir.Value`` of type float inside the builder's current block.
+function takes and returns an ``ir.Value`` of type float inside the builder's current block
+(``exp`` also a vector of floats, for kernels that hold their own vectors).
 """
 
 from __future__ import annotations
@@ -33,20 +34,32 @@ _TANH_P = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036
 SQRT_HALF = 0.707106781186547524
 
 
-def const(v: float) -> ir.Constant:
+def const(v: float, ty=F32) -> ir.Constant:
+    """``v`` as a float, or splat over a float vector type ``ty``."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [float(v)] * ty.count)
     return ir.Constant(F32, float(v))
+
+
+def _int_const(v: int, ty) -> ir.Constant:
+    """``v`` as an i32, or splat over i32 lanes matching the float vector type ``ty``."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ir.VectorType(I32, ty.count), [v] * ty.count)
+    return ir.Constant(I32, v)
 
 
 def horner(b: ir.IRBuilder, x, coeffs):
     """coeffs[0] x^(n-1) + ... + coeffs[-1], highest power first (one fma per step)."""
-    p = const(coeffs[0])
+    p = const(coeffs[0], x.type)
     for c in coeffs[1:]:
-        p = fma(b, p, x, const(c))
+        p = fma(b, p, x, const(c, x.type))
     return p
 
 
 def _call(b: ir.IRBuilder, name: str, *args):
-    fn = intrinsic(b.module, f"llvm.{name}.f32", F32, [F32] * len(args))
+    ty = args[0].type
+    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
+    fn = intrinsic(b.module, f"llvm.{name}.{suffix}", ty, [ty] * len(args))
     return b.call(fn, list(args))
 
 
@@ -78,23 +91,26 @@ def is_nan(b, x):
 def _reduce(b: ir.IRBuilder, x):
     """x = k ln(2) + r with |r| <= ln(2) / 2: (r, k << 23 as an i32)."""
     # k = rint(x log2(e)) in one fma: adding _ROUNDER leaves k in the low mantissa bits of s
-    s = fma(b, x, const(LOG2E), const(_ROUNDER))
-    k = b.fsub(s, const(_ROUNDER))
-    r = fma(b, k, const(-LN2_HI), x)
-    r = fma(b, k, const(-LN2_LO), r)
-    return r, b.shl(b.bitcast(s, I32), ir.Constant(I32, 23))
+    ty = x.type
+    s = fma(b, x, const(LOG2E, ty), const(_ROUNDER, ty))
+    k = b.fsub(s, const(_ROUNDER, ty))
+    r = fma(b, k, const(-LN2_HI, ty), x)
+    r = fma(b, k, const(-LN2_LO, ty), r)
+    return r, b.shl(b.bitcast(s, _int_const(0, ty).type), _int_const(23, ty))
 
 
 def exp(b: ir.IRBuilder, x):
     """e**x: inf above EXP_HI, 0 below EXP_LO (no subnormal results), NaN stays NaN."""
+    ty = x.type
     r, kbits = _reduce(b, x)
     p = horner(b, r, _EXP_Q + (1.0, 1.0))
     # p * 2**k: k added to p's exponent field (p is in [0.7, 1.5], so for x in [EXP_LO, EXP_HI]
     # the sum is a normal float); out of that range the bits are garbage, replaced below
-    y = b.bitcast(b.add(b.bitcast(p, I32), kbits), F32)
+    y = b.bitcast(b.add(b.bitcast(p, kbits.type), kbits), ty)
     # x + inf: inf above the range, NaN for NaN
-    y = b.select(b.fcmp_ordered("<=", x, const(EXP_HI)), y, b.fadd(x, const(float("inf"))))
-    return b.select(b.fcmp_ordered("<", x, const(EXP_LO)), const(0.0), y)
+    y = b.select(b.fcmp_ordered("<=", x, const(EXP_HI, ty)), y,
+                 b.fadd(x, const(float("inf"), ty)))
+    return b.select(b.fcmp_ordered("<", x, const(EXP_LO, ty)), const(0.0, ty), y)
 
 
 def _exp_shifted(b: ir.IRBuilder, x, shifts):

@@ -8,6 +8,7 @@ import numpy as np
 
 import kiln
 from kiln.grad_mode import STATE
+from kiln.ops.attention import attention
 from kiln.ops.elementwise import _tname
 from kiln.ops.linalg import linear
 from kiln.ops.reduce import softmax
@@ -56,6 +57,14 @@ def _sdpa_checks(query, key, value, attn_mask) -> None:
                 f"query.dtype: {_tname(query)} instead.")
 
 
+def _batch_broadcasts(*ts) -> bool:
+    try:
+        np.broadcast_shapes(*(tuple(t.shape[:-2]) for t in ts))
+    except ValueError:
+        return False
+    return True
+
+
 def _repeat_heads(t: Tensor, rep: int) -> Tensor:
     """(..., Hk, S, E) -> (..., Hk * rep, S, E), each head repeated ``rep`` times in place
     (``repeat_interleave`` on dim -3)."""
@@ -96,6 +105,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         key, value = _repeat_heads(key, hq // hk), _repeat_heads(value, hq // hk)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+    if (attn_mask is None and not dropout_p > 0.0 and min(L, S, query.shape[-1], value.shape[-1])
+            and key.shape[-1] == query.shape[-1] and value.shape[-2] == S
+            and _batch_broadcasts(query, key, value)):
+        return attention(query, key, value, is_causal, scale)  # one fused node
     # scale the smaller of q (L x E) and the scores (L x S)
     if query.shape[-1] <= S:
         scores = (query * scale) @ key.transpose(-2, -1)

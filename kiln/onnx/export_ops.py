@@ -20,7 +20,7 @@ EMIT: dict = {}
 BACKWARD = {"tanh_backward", "sigmoid_backward", "relu_backward", "gelu_backward",
             "layer_norm_backward", "cross_entropy_backward", "nll_loss_backward",
             "avg_pool2d_backward", "conv2d_weight", "pool_scatter", "index_view_backward",
-            "embedding_backward", "put_along", "softmax_backward"}
+            "embedding_backward", "put_along", "softmax_backward", "attention_backward"}
 RANDOM = {"dropout_mask", "multinomial"}
 NO_ONNX = {  # more on why a primitive has no emitter
     "cumprod": "ONNX has CumSum but no cumulative product",
@@ -356,6 +356,21 @@ def _matmul(em, n, x):
     if n.attrs.get("tb"):
         b = _swap_last(em, b, len(n.inputs[1].shape))
     return em.op("MatMul", [a, b])
+
+
+@emits("attention")
+def _attention(em, n, x):
+    """softmax(scale q k^T, causal: keys j > i set to -inf) v from MatMul, Softmax and Where."""
+    q, k, v = x
+    scores = em.op("Mul", [em.op("MatMul", [q, _swap_last(em, k, len(n.inputs[1].shape))]),
+                           em.scalar_like(n.attrs["scale"], n)])
+    if n.attrs["causal"]:
+        L, S = n.inputs[0].shape[-2], n.inputs[1].shape[-2]
+        ones = em.op("ConstantOfShape", [em.ints([L, S])],
+                     value=em.onnx.numpy_helper.from_array(np.ones(1, n.dtype)))
+        seen = em.op("Greater", [em.op("Trilu", [ones], upper=0), em.scalar_like(0, n)])
+        scores = em.op("Where", [seen, scores, em.scalar_like(-np.inf, n)])
+    return em.op("MatMul", [em.op("Softmax", [scores], axis=-1), v])
 
 
 @emits("linear")
