@@ -114,8 +114,9 @@ def _operand(x: np.ndarray):
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
     """``a @ b`` for 2-D float32 arrays (each row-major or a transposed view), split by rows or
-    columns over kiln.jit's threads, into ``out`` (rows contiguous) when given; None (nothing
-    written) when the arrays do not qualify or OpenBLAS is not numpy's."""
+    columns over kiln.jit's threads, into ``out`` when given (through a temporary when ``out``
+    is strided or overlaps an operand); None (nothing written) when the arrays do not qualify
+    or OpenBLAS is not numpy's."""
     if (a.dtype != _F32 or b.dtype != _F32 or a.ndim != 2 or b.ndim != 2
             or min(a.shape[0], b.shape[1]) < 2 or a.shape[1] == 0):
         return None  # a row or column result is numpy's gemv, whose sums round differently
@@ -123,24 +124,27 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     if m * n * k < MIN_MACS or b.shape[0] != k:
         return None
     pa, pb = _operand(a), _operand(b)
-    if out is not None and (out.dtype != _F32 or out.shape != (m, n) or out.strides[1] != 4
-                            or out.strides[0] % 4 or out.strides[0] < 4 * n
-                            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
-        return None
     if pa is None or pb is None:
         return None
     fn = _kernel()
     if not fn:
         return None
-    if out is None:
-        out = np.empty((m, n), _F32)
+    target = out
+    if out is not None and (out.dtype != _F32 or out.shape != (m, n) or out.strides[1] != 4
+                            or out.strides[0] % 4 or out.strides[0] < 4 * n
+                            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        target = None  # written through a temporary
+    if target is None:
+        target = np.empty((m, n), _F32)
     args = (int(pa[0]), int(pb[0]), m, n, k, a.ctypes.data, pa[1], b.ctypes.data, pb[1],
-            out.ctypes.data, out.strides[0] // 4)
+            target.ctypes.data, target.strides[0] // 4)
     if m * n * k < SPLIT_MACS:
         fn(0, m, 0, *args)
     elif m >= n:
         parallel.run(fn, m, (0,) + args, work_per_item=max(1, n * k // _MACS_PER_UNIT), align=16)
     else:  # each part packs only its own columns of op(B), not all of it
         parallel.run(fn, n, (1,) + args, work_per_item=max(1, m * k // _MACS_PER_UNIT), align=16)
-    return out
-
+    if out is not None and target is not out:
+        np.copyto(out, target, casting="unsafe")
+        return out
+    return target

@@ -34,18 +34,22 @@ _SNAME = {"float32": "Float", "float64": "Double", "float16": "Half", "int64": "
 # numpy hands the transposed view to BLAS without copying.  Operands have >= 2 dims and the same
 # dtype; batch dims broadcast as in np.matmul.
 
+_native: list = []  # kiln.jit.blas.matmul and bmm.matmul, imported on first use (llvmlite)
+
+
+def _native_products():
+    if not _native:
+        from kiln.jit import blas, bmm
+
+        _native.extend((blas.matmul, bmm.matmul))
+    return _native
+
+
 def mm2(a, b, out=None):
     """A 2-D product ``a @ b`` (into ``out`` when given): float32 ones on kiln.jit's threads when
     available (kiln/jit/blas.py), else numpy's."""
     if a.dtype == np.float32 and jit.available():
-        from kiln.jit import blas
-
-        y = blas.matmul(a, b, out)
-        if y is None and out is not None:  # an out it cannot write (strided, overlapping)
-            y = blas.matmul(a, b)
-            if y is not None:
-                np.copyto(out, y)
-                y = out
+        y = (_native or _native_products())[0](a, b, out)
         if y is not None:
             return y
     return np.matmul(a, b, out=out)
@@ -55,9 +59,7 @@ def mm_batched(a, b, out=None):
     """A batched product ``np.matmul(a, b)`` (into ``out`` when given): stacks of small float32
     matrices on kiln.jit's threads when available (kiln/jit/bmm.py), else numpy's."""
     if a.dtype == np.float32 and jit.available():
-        from kiln.jit import bmm as native
-
-        y = native.matmul(a, b, out)
+        y = (_native or _native_products())[1](a, b, out)
         if y is not None:
             return y
     return np.matmul(a, b, out=out)
