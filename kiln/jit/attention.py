@@ -32,7 +32,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import bmm, engine, mathlib, parallel
-from kiln.jit.engine import F32, I32, I64, i64
+from kiln.jit.engine import F32, I32, I64, address, i64
 
 MAX_DIM = 128  # largest L, S, E and Ev (the tiles of scores and transposed q, do are on the stack)
 _F32 = np.dtype(np.float32)
@@ -420,7 +420,7 @@ def forward(q, k, v, causal: bool, scale: float):
     if heads == 0:
         return out
     table = _table(batch, arrays)
-    parallel.run(fn, heads, (table.ctypes.data,) + tuple(x.ctypes.data for x in arrays),
+    parallel.run(fn, heads, (address(table),) + tuple(address(x) for x in arrays),
                  work_per_item=L * S * (E + Ev) // 16 + 1)
     return out
 
@@ -449,6 +449,6 @@ def backward(q, k, v, o, g, causal: bool, scale: float, outs) -> bool:
     heads = math.prod(batch)
     if heads:
         table = _table(batch, arrays)
-        parallel.run(fn, heads, (table.ctypes.data,) + tuple(x.ctypes.data for x in arrays),
+        parallel.run(fn, heads, (address(table),) + tuple(address(x) for x in arrays),
                      work_per_item=L * S * (2 * E + 3 * Ev) // 16 + 1)
     return True

@@ -25,7 +25,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I32, I64, i64
+from kiln.jit.engine import F32, I32, I64, address, i64
 
 _SGEMM, _LOCAL = "scipy_cblas_sgemm64_", "openblas_set_num_threads_local"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -136,8 +136,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
         target = None  # written through a temporary
     if target is None:
         target = np.empty((m, n), _F32)
-    args = (int(pa[0]), int(pb[0]), m, n, k, a.ctypes.data, pa[1], b.ctypes.data, pb[1],
-            target.ctypes.data, target.strides[0] // 4)
+    args = (int(pa[0]), int(pb[0]), m, n, k, address(a), pa[1], address(b), pb[1],
+            address(target), target.strides[0] // 4)
     if m * n * k < SPLIT_MACS:
         fn(0, m, 0, *args)
     elif m >= n:

@@ -23,7 +23,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I64, i64
+from kiln.jit.engine import F32, I64, address, i64
 
 MAX_DIM = 128  # largest M, K or N handled (the packed tile of op(B) lives on the stack)
 # Smaller batches (in multiply-adds) stay with numpy: each new shape or layout costs a ~60 ms
@@ -230,6 +230,6 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None):
     offa = _offsets(batch, _batch_strides(a, batch))
     offb = _offsets(batch, _batch_strides(b, batch))
     # in parallel.run's units (one memory-bound add): ~24 multiply-adds from cache, vectorized
-    parallel.run(fn, nbatch, (a.ctypes.data, b.ctypes.data, out.ctypes.data, offa.ctypes.data,
-                              offb.ctypes.data), work_per_item=m * n * k // 24 + 1)
+    parallel.run(fn, nbatch, (address(a), address(b), address(out), address(offa),
+                              address(offb)), work_per_item=m * n * k // 24 + 1)
     return out

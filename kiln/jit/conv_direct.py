@@ -24,7 +24,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I32, I64, i64
+from kiln.jit.engine import F32, I32, I64, address, i64
 
 _cache: dict = {}
 _P = ctypes.c_void_p
@@ -225,8 +225,8 @@ def _forward(out, x, w, bias, pads, pix):
         return False
     wt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (kh, kw, C, O)
     bias = None if bias is None else np.ascontiguousarray(bias)
-    parallel.run(fn, N, (out.ctypes.data, xp.ctypes.data, wt.ctypes.data,
-                         None if bias is None else bias.ctypes.data),
+    parallel.run(fn, N, (address(out), address(xp), address(wt),
+                         None if bias is None else address(bias)),
                  work_per_item=Ho * Wo * O * C * kh * kw)
     return True
 
@@ -383,7 +383,7 @@ def conv2d_weight(x, g, pads, kernel):
     bounds = np.array([N * i // P for i in range(P + 1)], np.int64)
     parts = np.zeros((P, kh, kw, C, O), np.float32)
     scratch = np.empty((P, Ho * Wo * O), np.float32)
-    parallel.run(fn, P, (parts.ctypes.data, xp.ctypes.data, g.ctypes.data, scratch.ctypes.data,
-                         bounds.ctypes.data), work_per_item=1 << 30)
+    parallel.run(fn, P, (address(parts), address(xp), address(g), address(scratch),
+                         address(bounds)), work_per_item=1 << 30)
     dw = parts[0] if P == 1 else parts.sum(axis=0)
     return np.ascontiguousarray(dw.transpose(3, 2, 0, 1))

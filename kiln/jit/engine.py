@@ -63,6 +63,15 @@ def target_machine():
     return _machine
 
 
+def address(a) -> int:
+    """The address of numpy array ``a``'s first element (~0.4 us; ``a.ctypes.data`` takes
+    ~1.7 us, several times per kernel call)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):  # read-only or empty
+        return a.__array_interface__["data"][0]
+
+
 def i64(v: int) -> ir.Constant:
     """An i64 constant (sizes, strides, loop bounds)."""
     return ir.Constant(I64, v)

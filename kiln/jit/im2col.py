@@ -18,7 +18,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, i64, loop
+from kiln.jit.engine import F32, address, i64, loop
 
 _cache: dict = {}
 _P = ctypes.c_void_p
@@ -76,7 +76,7 @@ def gather_rows(cols, xp, kh, kw, stride, dilation, Ho, Wo) -> bool:
     if fn is None:
         return False
     if N and Ho * Wo:
-        parallel.run(fn, N, (cols.ctypes.data, xp.ctypes.data),
+        parallel.run(fn, N, (address(cols), address(xp)),
                      work_per_item=Ho * Wo * kh * kw * C)
     return True
 
@@ -114,8 +114,8 @@ def corr_rows_sum(out, Y, bias, d0: int) -> bool:
     if bias is not None:
         bias = np.ascontiguousarray(bias)  # the kernel reads O consecutive floats
     if N and out.size:
-        parallel.run(fn, N, (out.ctypes.data, Y.ctypes.data,
-                             None if bias is None else bias.ctypes.data),
+        parallel.run(fn, N, (address(out), address(Y),
+                             None if bias is None else address(bias)),
                      work_per_item=Ho * Wo * O * kh)
     return True
 
@@ -151,5 +151,5 @@ def nhwc_padded(xp, x, pads) -> bool:
     if fn is None:
         return False
     if N and xp.size:
-        parallel.run(fn, N, (xp.ctypes.data, x.ctypes.data), work_per_item=Hp * Wp * C)
+        parallel.run(fn, N, (address(xp), address(x)), work_per_item=Hp * Wp * C)
     return True

@@ -18,7 +18,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
-from kiln.jit.engine import F32, I64, i64, loop
+from kiln.jit.engine import F32, I64, address, i64, loop
 
 _cache: dict = {}
 _P = ctypes.c_void_p
@@ -131,14 +131,14 @@ def max_pool2d(x, kernel, stride, padding, dilation, Ho, Wo, mode="values"):
     idx = np.empty((N, C, Ho, Wo), np.int64) if mode != "values" else None
     if N * C and Ho * Wo:
         work = Ho * Wo * math.prod(kernel) + H * W
-        parallel.run(fn, N * C, (x.ctypes.data, _ptr(val), _ptr(idx)), work_per_item=work)
+        parallel.run(fn, N * C, (address(x), _ptr(val), _ptr(idx)), work_per_item=work)
     if mode == "values":
         return val
     return idx if mode == "indices" else (val, idx)
 
 
 def _ptr(a):
-    return None if a is None else a.ctypes.data
+    return None if a is None else address(a)
 
 
 def _build_scatter(name, HW, L):
@@ -189,8 +189,8 @@ def pool_scatter(g, idx, in_hw):
     out = np.empty((N, C) + tuple(in_hw), np.float32)
     bad = np.zeros(1, np.int64)
     if out.size:
-        parallel.run(fn, N * C, (g.ctypes.data, idx.ctypes.data, out.ctypes.data,
-                                 bad.ctypes.data), work_per_item=HW + 2 * L)
+        parallel.run(fn, N * C, (address(g), address(idx), address(out),
+                                 address(bad)), work_per_item=HW + 2 * L)
     return None if bad[0] else out
 
 

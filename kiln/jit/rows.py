@@ -23,7 +23,7 @@ from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
 from kiln.jit.engine import F32, F64, I32, I64, i64
-from kiln.jit.expr import address as _addr
+from kiln.jit.engine import address as _addr
 
 _F32 = np.dtype(np.float32)
 _REASSOC = ("reassoc",)

@@ -13,7 +13,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, parallel
-from kiln.jit.engine import F32, I64, loop
+from kiln.jit.engine import F32, I64, address, loop
 
 _fn = None
 
@@ -59,6 +59,6 @@ def rows_add(out: np.ndarray, rows: np.ndarray, vals: np.ndarray) -> bool:
                     and rows.flags.c_contiguous)):
         return False
     d = out.shape[1]
-    parallel.run(_kernel(), d, (rows.size, d, out.ctypes.data, rows.ctypes.data,
-                                vals.ctypes.data), work_per_item=rows.size, align=16)
+    parallel.run(_kernel(), d, (rows.size, d, address(out), address(rows),
+                                address(vals)), work_per_item=rows.size, align=16)
     return True

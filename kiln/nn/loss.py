@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from kiln import dtypes
+from kiln import dtypes, jit
 from kiln.nn.normalization import _ones
 from kiln.ops.elementwise import _tname, broadcast_shape, logsigmoid, where
 from kiln.ops.index import one_hot
@@ -228,6 +228,12 @@ def _exp_rows(x: np.ndarray):
 def _cross_entropy(x, t, reduction, ignore_index):
     """Softmax cross-entropy of (N, C) logits against (N,) class indices (ONNX
     SoftmaxCrossEntropyLoss): ``logsumexp(x_i) - x_i[t_i]`` per row."""
+    if x.dtype == np.float32 and jit.available():
+        from kiln.jit import cross_entropy as native
+
+        out = native.forward(x, t, reduction, ignore_index)
+        if out is not None:
+            return out
     t, valid = _safe_targets(t, ignore_index)
     n = x.shape[0]
     if not n or not x.shape[1]:
@@ -259,6 +265,12 @@ def _cross_entropy_vjp(g, node):
 @primitive("cross_entropy_backward", traits={"reduce"}, save=(0, 1, 2))
 def _cross_entropy_backward(x, t, g, reduction, ignore_index):
     """``(softmax(x) - onehot(t)) * g`` per row (divided by the valid count for 'mean')."""
+    if x.dtype == np.float32 and jit.available():
+        from kiln.jit import cross_entropy as native
+
+        out = native.backward(x, t, g, reduction, ignore_index)
+        if out is not None:
+            return out
     t, valid = _safe_targets(t, ignore_index)
     n = x.shape[0]
     if not n or not x.shape[1]:
