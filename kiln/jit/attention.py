@@ -99,13 +99,15 @@ class _Emit:
             off = b.add(off, b.mul(x, i64(c)) if c != 1 else x)
         return b.gep(ptr, [off])
 
-    def product(self, m: int, n: int, krange, a_at, b_row, store):
+    def product(self, m: int, n: int, krange, a_row, ak: int, b_row, store):
         """For rows i in [0, m) and vectors of columns c in [0, n): the sum over kk of
         ``A[i, kk] * B[kk, c:c + lanes]``, handed to ``store(i, c, acc)``.
 
         ``krange(i0, rows)`` -> (lo, hi): the kk range a block of rows needs (ints or i64);
-        ``a_at(i, kk)`` -> pointer to A[i, kk]; ``b_row(kk)`` -> pointer to B[kk, 0], whose
-        row has ``n`` (a multiple of lanes) readable floats."""
+        ``a_row(i)`` -> pointer to A[i, 0], A[i, kk] ``ak`` floats further per kk;
+        ``b_row(kk)`` -> pointer to B[kk, 0], whose row has ``n`` (a multiple of lanes)
+        readable floats.  Rows left over after the register blocks go one at a time (less
+        code to compile than another unrolled block)."""
         b, lanes = self.b, self.lanes
         nv = n // lanes
         for first in range(0, nv, _BLOCK_VECS):
@@ -114,13 +116,15 @@ class _Emit:
 
             def rows(i0, count, first=first, cv=cv):
                 lo, hi = krange(i0, count)
+                starts = [a_row(b.add(i0, i64(r))) for r in range(count)]
 
                 def step(kk, accs):
                     row = b_row(kk)
+                    at = b.mul(kk, i64(ak)) if ak != 1 else kk
                     bv = [self.vload(row, i64((first + v) * lanes)) for v in range(cv)]
                     out = []
                     for r in range(count):
-                        x = self.splat(b.load(a_at(b.add(i0, i64(r)), kk)))
+                        x = self.splat(b.load(b.gep(starts[r], [at])))
                         out += [b.call(self.fma, [x, bv[v], accs[r * cv + v]])
                                 for v in range(cv)]
                     return out
@@ -134,7 +138,7 @@ class _Emit:
                 engine.loop(b, 0, m // mr, lambda blk, _, mr=mr, rows=rows: rows(
                     b.mul(blk, i64(mr)), mr) or [], [])
             if m % mr:
-                rows(i64(m - m % mr), m % mr)
+                engine.loop(b, m - m % mr, m, lambda i, _, rows=rows: rows(i, 1) or [], [])
 
     def min_(self, x, y):
         return self.b.select(self.b.icmp_signed("<", x, y), x, y)
@@ -178,13 +182,14 @@ def _pack_t(e: _Emit, src, ld: int, rows: int, cols: int, tile, tld: int):
         col_blocks(i64(rows - rows % n), rows % n)
 
 
-def _probabilities(e: _Emit, k, qt, pt, L, S, E, lpad, sk, causal, scale):
+def _probabilities(e: _Emit, k, qt, pt, mtile, L, S, E, lpad, sk, causal, scale):
     """pt[j, i] = the probability that query i gives key j: softmax over j of scale k[j] q[i]
     (transposed scores: a vector holds one key's scores for ``lanes`` queries, so the softmax
-    over keys is vertical, with no horizontal reductions); zero where masked."""
+    over keys is vertical, with no horizontal reductions); zero where masked.  ``mtile``
+    (lpad floats) holds each query's max score."""
     b, lanes = e.b, e.lanes
     sc = e.splat(ir.Constant(F32, scale))
-    e.product(S, lpad, lambda j0, n: (0, E), lambda j, kk: e.at(k, (j, sk), (kk, 1)),
+    e.product(S, lpad, lambda j0, n: (0, E), lambda j: e.at(k, (j, sk)), 1,
               lambda kk: e.at(qt, (kk, lpad)),
               lambda j, c, acc: e.vstore(b.fmul(acc, sc), pt, b.add(b.mul(j, i64(lpad)),
                                                                     i64(c))))
@@ -192,37 +197,47 @@ def _probabilities(e: _Emit, k, qt, pt, L, S, E, lpad, sk, causal, scale):
     ivec = ir.VectorType(I32, lanes)
     ninf = mathlib.const(float("-inf"), e.vec)
 
+    iota = ir.Constant(ivec, list(range(lanes)))
+
     def scores(j, c):
-        """Key j's scaled scores for queries [c, c + lanes), -inf where the mask hides them."""
-        x = e.vload(pt, b.add(b.mul(j, i64(lpad)), i64(c)))
+        """Key j's scaled scores for queries [c, c + lanes) (c an i64), -inf where the mask
+        hides them."""
+        x = e.vload(pt, b.add(b.mul(j, i64(lpad)), c))
         if not causal:
             return x
-        queries = ir.Constant(ivec, list(range(c, c + lanes)))
+        queries = b.add(iota, e.splat_int(b.trunc(c, I32)))
         return b.select(b.icmp_signed(">=", queries, e.splat_int(b.trunc(j, I32))), x, ninf)
 
     # one pass for every query vector's max: independent chains
     maxes = engine.loop(b, 0, S, lambda j, acc: [
-        mathlib.fmax(b, acc[v], scores(j, v * lanes)) for v in range(nv)], [ninf] * nv)
+        mathlib.fmax(b, acc[v], scores(j, i64(v * lanes))) for v in range(nv)], [ninf] * nv)
     for v in range(nv):
-        c = v * lanes
-        lim = min(S, c + lanes) if causal else S  # keys past lim are hidden from every query
+        e.vstore(maxes[v], mtile, i64(v * lanes))
 
-        def ex(j, acc, c=c, m=maxes[v]):
+    def column(v, _):  # one query vector at a time: one copy of the exp code
+        c = b.mul(v, i64(lanes))
+        # keys past lim are hidden from every query of the vector
+        lim = e.min_(b.add(c, i64(lanes)), i64(S)) if causal else i64(S)
+        m = e.vload(mtile, c)
+
+        def ex(j, acc):
             y = mathlib.exp(b, b.fsub(scores(j, c), m))
-            e.vstore(y, pt, b.add(b.mul(j, i64(lpad)), i64(c)))
+            e.vstore(y, pt, b.add(b.mul(j, i64(lpad)), c))
             return [b.fadd(acc[0], y, flags=_REASSOC)]
 
-        total = engine.loop(b, 0, lim, ex, [e.zero])[0]
-        inv = b.fdiv(mathlib.const(1.0, e.vec), total)
+        inv = b.fdiv(mathlib.const(1.0, e.vec), engine.loop(b, i64(0), lim, ex, [e.zero])[0])
 
-        def norm(j, _, c=c, inv=inv):
-            at = b.add(b.mul(j, i64(lpad)), i64(c))
+        def norm(j, _):
+            at = b.add(b.mul(j, i64(lpad)), c)
             e.vstore(b.fmul(e.vload(pt, at), inv), pt, at)
             return []
 
-        engine.loop(b, 0, lim, norm, [])
-        engine.loop(b, lim, S, lambda j, _, c=c: e.vstore(e.zero, pt, b.add(
-            b.mul(j, i64(lpad)), i64(c))) or [], [])
+        engine.loop(b, i64(0), lim, norm, [])
+        engine.loop(b, lim, i64(S), lambda j, _: e.vstore(e.zero, pt, b.add(
+            b.mul(j, i64(lpad)), c)) or [], [])
+        return []
+
+    engine.loop(b, 0, nv, column, [])
 
 
 def _head_function(mod, name, n_ptr):
@@ -266,15 +281,15 @@ def _build_forward(mod, name, L, S, E, Ev, strides, causal, scale):
     fn, b = _head_function(mod, name, 4)
     e = _Emit(b)
     lpad = -(-L // e.lanes) * e.lanes
-    qt, pt = _tile(b, E * lpad), _tile(b, S * lpad)
+    qt, pt, mtile = _tile(b, E * lpad), _tile(b, S * lpad), _tile(b, lpad)
 
     def body(bases):
         q, k, v, o = bases
         _pack_t(e, q, sq, L, E, qt, lpad)
-        _probabilities(e, k, qt, pt, L, S, E, lpad, sk, causal, scale)
+        _probabilities(e, k, qt, pt, mtile, L, S, E, lpad, sk, causal, scale)
         # o = p v; a causal block of queries reads keys up to its last query only
         e.product(L, Ev, _upto(e, S) if causal else _all(S),
-                  lambda i, j: e.at(pt, (j, lpad), (i, 1)), lambda j: e.at(v, (j, sv)),
+                  lambda i: e.at(pt, (i, 1)), lpad, lambda j: e.at(v, (j, sv)),
                   lambda i, c, acc: e.vstore(acc, o, b.add(b.mul(i, i64(so)), i64(c))))
 
     _heads(b, fn, 4, body)
@@ -301,7 +316,7 @@ def _build_backward(mod, name, L, S, E, Ev, strides, causal, scale):
     e = _Emit(b)
     lpad = -(-L // e.lanes) * e.lanes
     qt, dot, pt = _tile(b, E * lpad), _tile(b, Ev * lpad), _tile(b, S * lpad)
-    rowdot = _tile(b, lpad)
+    rowdot, mtile = _tile(b, lpad), _tile(b, lpad)
     for c in range(L, lpad):  # padding queries: finite values that meet zero probabilities
         b.store(ir.Constant(F32, 0.0), b.gep(rowdot, [i64(c)]))
     sc = e.splat(ir.Constant(F32, scale))
@@ -312,7 +327,7 @@ def _build_backward(mod, name, L, S, E, Ev, strides, causal, scale):
         q, k, v, o, do, dq, dk, dv = bases
         _pack_t(e, q, sq, L, E, qt, lpad)
         _pack_t(e, do, sdo, L, Ev, dot, lpad)
-        _probabilities(e, k, qt, pt, L, S, E, lpad, sk, causal, scale)
+        _probabilities(e, k, qt, pt, mtile, L, S, E, lpad, sk, causal, scale)
 
         def dot_row(i, _):  # rowsum(do * o)
             terms = [b.fmul(e.vload(do, b.add(b.mul(i, i64(sdo)), i64(c))),
@@ -323,7 +338,7 @@ def _build_backward(mod, name, L, S, E, Ev, strides, causal, scale):
 
         engine.loop(b, 0, L, dot_row, [])
         # dv = p^T do
-        e.product(S, Ev, queries, lambda j, i: e.at(pt, (j, lpad), (i, 1)),
+        e.product(S, Ev, queries, lambda j: e.at(pt, (j, lpad)), 1,
                   lambda i: e.at(do, (i, sdo)),
                   lambda j, c, acc: e.vstore(acc, dv, b.add(b.mul(j, i64(sdv)), i64(c))))
 
@@ -333,14 +348,14 @@ def _build_backward(mod, name, L, S, E, Ev, strides, causal, scale):
             d = e.vload(rowdot, i64(c))
             e.vstore(b.fmul(b.fmul(e.vload(pt, at), b.fsub(acc, d)), sc), pt, at)
 
-        e.product(S, lpad, _all(Ev), lambda j, kk: e.at(v, (j, sv), (kk, 1)),
+        e.product(S, lpad, _all(Ev), lambda j: e.at(v, (j, sv)), 1,
                   lambda kk: e.at(dot, (kk, lpad)), to_ds)
         # dq = ds k
-        e.product(L, E, keys, lambda i, j: e.at(pt, (j, lpad), (i, 1)),
+        e.product(L, E, keys, lambda i: e.at(pt, (i, 1)), lpad,
                   lambda j: e.at(k, (j, sk)),
                   lambda i, c, acc: e.vstore(acc, dq, b.add(b.mul(i, i64(sdq)), i64(c))))
         # dk = ds^T q
-        e.product(S, E, queries, lambda j, i: e.at(pt, (j, lpad), (i, 1)),
+        e.product(S, E, queries, lambda j: e.at(pt, (j, lpad)), 1,
                   lambda i: e.at(q, (i, sq)),
                   lambda j, c, acc: e.vstore(acc, dk, b.add(b.mul(j, i64(sdk)), i64(c))))
 
@@ -356,7 +371,8 @@ def _kernel(kind, L, S, E, Ev, strides, causal, scale):
         (_build_forward if kind == "fwd" else _build_backward)(
             mod, name, L, S, E, Ev, strides, causal, scale)
         n = 4 if kind == "fwd" else 8
-        return engine.compile_module(mod, {name: (_L, _L) + (_P,) * (n + 1)})[name]
+        return engine.compile_module(mod, {name: (_L, _L) + (_P,) * (n + 1)},
+                                     explicit_vectors=True)[name]
 
     return engine.shape_kernel(_cache, key, build)
 

@@ -159,18 +159,21 @@ def _build_backward(mod, name):
         sc = b.select(per_row, b.load(b.gep(g, [b.select(per_row, r, i64(0))])), shared)
         sc = b.select(ignored, ir.Constant(F32, 0.0), sc)
         k = b.fdiv(sc, total)
-        own = b.fcmp_unordered("!=", shift, gmax)  # a row shifted by its own max: recompute
+        own = b.fcmp_unordered("!=", shift, gmax)  # a row shifted by its own max
 
-        def elem(j, _):
-            ptr = b.gep(gr, [j])
-            ex = b.select(own, mathlib.exp(b, b.fsub(b.load(b.gep(xr, [j])), shift)),
-                          b.load(ptr))
-            p = b.fmul(ex, k)
-            hit = b.and_(b.icmp_signed("==", j, tr), b.not_(ignored))
-            b.store(b.select(hit, b.fsub(p, sc), p), ptr)
-            return []
+        def elems(exp_of):
+            def elem(j, _):
+                p = b.fmul(exp_of(j), k)
+                hit = b.and_(b.icmp_signed("==", j, tr), b.not_(ignored))
+                b.store(b.select(hit, b.fsub(p, sc), p), b.gep(gr, [j]))
+                return []
+            engine.loop(b, i64(0), c, elem, [])
 
-        engine.loop(b, i64(0), c, elem, [])
+        with b.if_else(own) as (recompute, stored):
+            with recompute:
+                elems(lambda j: mathlib.exp(b, b.fsub(b.load(b.gep(xr, [j])), shift)))
+            with stored:
+                elems(lambda j: b.load(b.gep(gr, [j])))
         return []
 
     engine.loop(b, i64(0), n, row, [])
