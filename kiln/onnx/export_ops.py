@@ -20,7 +20,8 @@ EMIT: dict = {}
 BACKWARD = {"tanh_backward", "sigmoid_backward", "relu_backward", "gelu_backward",
             "layer_norm_backward", "cross_entropy_backward", "nll_loss_backward",
             "avg_pool2d_backward", "conv2d_weight", "pool_scatter", "index_view_backward",
-            "embedding_backward", "put_along", "softmax_backward", "attention_backward"}
+            "embedding_backward", "put_along", "softmax_backward", "attention_backward",
+            "attention_packed_backward"}
 RANDOM = {"dropout_mask", "multinomial"}
 NO_ONNX = {  # more on why a primitive has no emitter
     "cumprod": "ONNX has CumSum but no cumulative product",
@@ -358,19 +359,36 @@ def _matmul(em, n, x):
     return em.op("MatMul", [a, b])
 
 
-@emits("attention")
-def _attention(em, n, x):
+def _attention_of(em, n, q, k, v, L, S, k_rank):
     """softmax(scale q k^T, causal: keys j > i set to -inf) v from MatMul, Softmax and Where."""
-    q, k, v = x
-    scores = em.op("Mul", [em.op("MatMul", [q, _swap_last(em, k, len(n.inputs[1].shape))]),
+    scores = em.op("Mul", [em.op("MatMul", [q, _swap_last(em, k, k_rank)]),
                            em.scalar_like(n.attrs["scale"], n)])
     if n.attrs["causal"]:
-        L, S = n.inputs[0].shape[-2], n.inputs[1].shape[-2]
         ones = em.op("ConstantOfShape", [em.ints([L, S])],
                      value=em.onnx.numpy_helper.from_array(np.ones(1, n.dtype)))
         seen = em.op("Greater", [em.op("Trilu", [ones], upper=0), em.scalar_like(0, n)])
         scores = em.op("Where", [seen, scores, em.scalar_like(-np.inf, n)])
     return em.op("MatMul", [em.op("Softmax", [scores], axis=-1), v])
+
+
+@emits("attention")
+def _attention(em, n, x):
+    return _attention_of(em, n, *x, n.inputs[0].shape[-2], n.inputs[1].shape[-2],
+                         len(n.inputs[1].shape))
+
+
+@emits("attention_packed")
+def _attention_packed(em, n, x):
+    """The heads of x (batch..., T, 3HD): Reshape to (batch..., T, 3, H, D), Gather each of q,
+    k, v, Transpose to (batch..., H, T, D); then attention."""
+    rank = len(n.inputs[0].shape)
+    t, heads = n.inputs[0].shape[-2], n.attrs["heads"]
+    d = n.shape[-1]
+    y = em.op("Reshape", [x[0], em.const(np.array([0] * (rank - 1) + [3, heads, d], np.int64))])
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2, rank]  # (.., T, H, D) -> (.., H, T, D)
+    q, k, v = (em.op("Transpose", [em.op("Gather", [y, em.const(np.array(i, np.int64))],
+                                          axis=rank - 1)], perm=perm) for i in range(3))
+    return _attention_of(em, n, q, k, v, t, t, rank + 1)
 
 
 @emits("linear")

@@ -7,7 +7,9 @@ instead of keeping them.  Elsewhere the impls below do the same with numpy.
 
 The backward is one primitive too (``attention_backward``: dq, dk, dv packed flat, each laid
 out heads-inner); under ``create_graph`` the VJP builds the gradient from differentiable ops
-instead.
+instead.  When q, k and v are exactly the heads of one (batch, T, 3 * H * D) projection, as a
+GPT block makes them, ``attention_packed`` takes the projection and its backward writes the
+projection's gradient directly.
 """
 
 from __future__ import annotations
@@ -93,20 +95,25 @@ def _attention_backward(q, k, v, o, g, causal, scale):
     layout = _layout(batch, L, S, E, Ev)
     flat = np.empty(sum(size for _, size, _ in layout), q.dtype)
     views = _views(flat, layout)
+    _grads_into(views, q, k, v, o, g, causal, scale)
+    return flat
+
+
+def _grads_into(outs, q, k, v, o, g, causal, scale) -> None:
+    """dq, dk and dv written into the arrays ``outs`` (native kernels when they fit)."""
     if jit.available():
         from kiln.jit import attention as native
 
-        if native.backward(q, k, v, o, g, causal, scale, views):
-            return flat
+        if native.backward(q, k, v, o, g, causal, scale, outs):
+            return
     p = _probs(q, k, causal, scale)
     dv = np.matmul(np.swapaxes(p, -1, -2), g)
     dp = np.matmul(g, np.swapaxes(v, -1, -2))
     dp -= np.sum(g * o, axis=-1, keepdims=True)
     p *= dp
     p *= p.dtype.type(scale)
-    for view, grad in zip(views, (np.matmul(p, k), np.matmul(np.swapaxes(p, -1, -2), q), dv)):
-        view[...] = grad
-    return flat
+    for out, grad in zip(outs, (np.matmul(p, k), np.matmul(np.swapaxes(p, -1, -2), q), dv)):
+        out[...] = grad
 
 
 @_attention_backward.def_infer
@@ -149,4 +156,86 @@ def _grads_from_ops(g: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool, sc
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     """softmax(scale q k^T) v as one node (keys j > i masked out when ``causal``)."""
+    x = _packed_source(q, k, v)
+    if x is not None:
+        return _attention_packed(x, heads=q.shape[-3], causal=bool(causal), scale=float(scale))
     return _attention(q, k, v, causal=bool(causal), scale=float(scale))
+
+
+# -- q, k and v as the heads of one projection -----------------------------------------------------
+#
+# A GPT block splits one (batch, T, 3C) projection into q, k and v and views each as
+# (batch, H, T, D) heads.  Attention taking that projection itself, its gradient is the
+# projection's gradient, written by the backward kernel in place: no split/reshape/transpose
+# VJPs and no zero-filled (batch, T, 3C) buffer that three copies fill.
+
+def _heads(x, heads: int) -> list:
+    """q, k, v: (batch..., H, T, D) views of x (batch..., T, 3 * H * D) (numpy or Kiln)."""
+    *lead, t, c3 = x.shape
+    y = x.reshape(*lead, t, 3, heads, c3 // (3 * heads))
+    return [y[..., i, :, :].swapaxes(-3, -2) for i in range(3)]
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _packed_source(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """The tensor x of shape (batch..., T, 3 * H * D) whose heads are exactly q, k and v (the
+    views ``_heads`` makes), or None."""
+    x = q._base
+    if x is None or k._base is not x or v._base is not x:
+        return None
+    a = x._data
+    shape = q._data.shape
+    if (k._data.shape != shape or v._data.shape != shape or len(shape) != a.ndim + 1
+            or len(shape) < 3 or not a.flags.c_contiguous or a.dtype != q._data.dtype):
+        return None
+    *lead, h, t, d = shape
+    if a.shape != (*lead, t, 3 * h * d) or not h * d:
+        return None
+    want = _heads(a, h)
+    return x if all(m.strides == w.strides and _address(m) == _address(w)
+                    for m, w in zip((q._data, k._data, v._data), want)) else None
+
+
+@primitive("attention_packed", save=(0,), save_out=True)
+def _attention_packed(x, heads, causal, scale):
+    """attention(q, k, v) of the heads of x (batch..., T, 3 * H * D): [q | k | v] along the
+    last axis, each H heads of D."""
+    return _attention.impl(*_heads(x, heads), causal, scale)
+
+
+@_attention_packed.def_infer
+def _attention_packed_infer(shapes, dts, heads, causal, scale):
+    *lead, t, c3 = shapes[0]
+    return tuple(lead) + (heads, t, c3 // (3 * heads)), dts[0]
+
+
+@primitive("attention_packed_backward", save=(0, 1, 2))
+def _attention_packed_backward(x, o, g, heads, causal, scale):
+    """The gradient of attention_packed: dq, dk and dv in x's layout."""
+    dx = np.empty(x.shape, x.dtype)
+    _grads_into(_heads(dx, heads), *_heads(x, heads), o, g, causal, scale)
+    return dx
+
+
+@_attention_packed_backward.def_infer
+def _attention_packed_backward_infer(shapes, dts, heads, causal, scale):
+    return shapes[0], dts[0]
+
+
+_attention_packed_backward.mark_not_differentiable(
+    "attention_packed's VJP builds its gradient from differentiable ops under create_graph")
+
+
+@_attention_packed.def_vjp
+def _attention_packed_vjp(g, node):
+    (x,), a = node.inputs, node.attrs
+    if not STATE.grad_enabled:
+        return (_attention_packed_backward(x, node.out, g, **a),)
+    from kiln.ops.shape import stack
+
+    grads = _grads_from_ops(g, *_heads(x, a["heads"]), a["causal"], a["scale"])
+    dx = stack([d.transpose(-3, -2) for d in grads], dim=-3)  # (batch..., T, 3, H, D)
+    return (dx.reshape(x.shape),)

@@ -127,9 +127,12 @@ def test_left_alone(case):
     assert concat_slices(g) is g
 
 
-def test_attention_training_step_compiles_to_cats_and_matches_eager():
-    """The q/k/v split of a compiled attention step: cats instead of slab gradients, and the
-    same updated parameters as eager mode, bitwise."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_attention_training_step_compiles_to_cats_and_matches_eager(packed):
+    """The q/k/v split of a compiled attention step: cats instead of slab gradients when the
+    heads are used as views of their own (packed=False: k and v swapped, so attention cannot
+    take the projection whole), no split gradient at all when attention takes the projection
+    (attention_packed); the same updated parameters as eager mode, bitwise."""
     B, T, C, H = 2, 5, 8, 2
 
     def make():
@@ -142,6 +145,8 @@ def test_attention_training_step_compiles_to_cats_and_matches_eager():
             opt.zero_grad()
             q, k, v = (x @ w).split(C, dim=2)
             heads = [t.reshape(B, T, H, C // H).transpose(1, 2) for t in (q, k, v)]
+            if not packed:
+                heads = [heads[0], heads[2], heads[1]]
             y = kiln.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
             loss = (y * y).sum()
             loss.backward()
@@ -157,5 +162,9 @@ def test_attention_training_step_compiles_to_cats_and_matches_eager():
         want, got = step_eager(), step()
         assert same(got.detach().numpy(), want.detach().numpy())
         assert same(w_comp.detach().numpy(), w_eager.detach().numpy())
-    graph = step.graph()
-    assert graph.counts().get("cat") == 1 and "index_view_backward" not in graph.counts()
+    counts = step.graph().counts()
+    assert "index_view_backward" not in counts
+    if packed:
+        assert counts.get("attention_packed") == 1 and "cat" not in counts
+    else:
+        assert counts.get("cat") == 1 and counts.get("attention") == 1

@@ -155,6 +155,9 @@ CASES = {
                   [f32(2, 5, 4), f32(2, 6, 4), f32(2, 6, 3)]),
     "attention_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                          [f32(2, 3, 5, 16), f32(2, 3, 7, 16), f32(2, 3, 7, 16)]),
+    "attention_packed": (lambda x: F.scaled_dot_product_attention(
+        *(t.reshape(2, 5, 2, 4).transpose(1, 2) for t in x.split(8, dim=2)), is_causal=True),
+        [f32(2, 5, 24)]),
     "log_softmax": (lambda x: F.log_softmax(x, dim=0), [A]),
     "cumsum": (lambda x: kiln.cumsum(x, 1), [A]),
     "pick_along": (lambda x: x.max(1).values, [DISTINCT]),

@@ -130,3 +130,66 @@ def test_attention_backward_primitive_matches_torch(causal):
 
     # compiled=False: check_compiled runs a grad=False function under no_grad
     check_op(fn, arrays, **F32, grad=False, compiled=False)
+
+
+# -- q, k, v as the heads of one projection (attention_packed) -------------------------------------
+
+def _gpt_heads(lib, x, B, T, H, D, order=(0, 1, 2)):
+    parts = x.split(H * D, dim=2)
+    return [parts[i].reshape(B, T, H, D).transpose(1, 2) for i in order]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_heads_of_one_projection_are_one_packed_node(causal, numpy_forbidden):
+    """A GPT block's q, k, v (split, reshape, transpose of one projection): attention takes
+    the projection itself, and its gradient is written in the projection's layout."""
+    B, T, H, D = 2, 20, 3, _lanes()
+    x = randn(B, T, 3 * H * D)
+
+    def fn(lib, x):
+        q, k, v = _gpt_heads(lib, x, B, T, H, D)
+        return _sdpa(lib, q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, H * D)
+
+    check_op(fn, [x], **F32)
+    xt = kiln.tensor(x, requires_grad=True)
+    assert _sdpa(kiln, *_gpt_heads(kiln, xt, B, T, H, D), is_causal=causal)._node.prim.name == \
+        "attention_packed"
+
+
+def test_views_that_are_not_the_standard_heads_take_the_general_node():
+    B, T, H, D = 2, 6, 2, 4
+    x = kiln.tensor(randn(B, T, 3 * H * D), requires_grad=True)
+    swapped = _gpt_heads(kiln, x, B, T, H, D, order=(1, 0, 2))  # k first
+    assert _sdpa(kiln, *swapped)._node.prim.name == "attention"
+    q, k, _ = _gpt_heads(kiln, x, B, T, H, D)
+    other = kiln.tensor(randn(B, H, T, D), requires_grad=True)
+    assert _sdpa(kiln, q, k, other)._node.prim.name == "attention"
+    check_op(lambda lib, x: _sdpa(lib, *_gpt_heads(lib, x, B, T, H, D, order=(2, 0, 1))),
+             [randn(B, T, 3 * H * D)], **F32)
+
+
+def test_packed_numpy_path_double_backward_and_gradient_primitive(monkeypatch):
+    B, T, H, D = 2, 7, 2, 3  # head dim 3: the numpy impls
+    x = randn(B, T, 3 * H * D, dtype=np.float64)
+    check_op(lambda lib, x: _sdpa(lib, *_gpt_heads(lib, x, B, T, H, D), is_causal=True), [x],
+             atol=1e-12, rtol=1e-10)
+    results = []
+    for lib in (kiln, torch):
+        xt = lib.tensor(x, requires_grad=True)
+        q, k, v = _gpt_heads(lib, xt, B, T, H, D)
+        if lib is kiln:
+            out = _sdpa(lib, q, k, v, is_causal=True)
+        else:  # the math of it: torch's CPU flash kernel has no double backward
+            s = (q @ k.transpose(-2, -1)) / np.sqrt(D)
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            out = s.softmax(-1) @ v
+        (g,) = lib.autograd.grad((out * out).sum(), (xt,), create_graph=True)
+        results.append(lib.autograd.grad((g * g).sum(), (xt,))[0].detach().numpy())
+    np.testing.assert_allclose(results[0], results[1], atol=1e-10, rtol=1e-8)
+
+    def grads(lib, x):  # attention_packed_backward runs inside the call
+        xt = x.requires_grad_(True)
+        out = _sdpa(lib, *_gpt_heads(lib, xt, B, T, H, D), is_causal=True)
+        return lib.autograd.grad((out * out).sum(), (xt,))
+
+    check_op(grads, [x], atol=1e-12, rtol=1e-10, grad=False, compiled=False)
