@@ -178,7 +178,12 @@ def _run(roots, retain_graph, create_graph, targets=None):
     node_grads: dict = {}
     leaf_grads: dict = {}  # id(leaf) -> [leaf, grad]
     heap: list = []
+    # deliveries of each gradient array (by its base array): a leaf adopts an array that went
+    # to it alone as its .grad; one that went elsewhere too (add's VJP passes g to both sides,
+    # a root gradient belongs to the caller) is copied
+    given: dict = {}
     for out, g in roots:
+        given[_base_id(g._data)] = 2
         n = out._node
         if n is None:
             slot = leaf_grads.setdefault(id(out), [out, None])
@@ -216,6 +221,9 @@ def _run(roots, retain_graph, create_graph, targets=None):
         for e, gi in zip(n.edges, grads):
             if gi is None or e is None:
                 continue
+            a = gi._data
+            k = id(a) if a.base is None else _base_id(a)
+            given[k] = given.get(k, 0) + 1
             if type(e) is Node:
                 prev = node_grads.get(e)
                 if prev is None:
@@ -236,16 +244,25 @@ def _run(roots, retain_graph, create_graph, targets=None):
     if tracer is not None:
         tracer.backward_of(None)
     for leaf, g in leaf_grads.values():
+        hooked = False
         if leaf._hooks:
             for hook in leaf._hooks:
                 new = hook(g)
                 if new is not None:
-                    g = new
+                    g, hooked = new, True  # the hook may keep what it returned
         if targets is not None:
             captured[id(leaf)] = g
         else:
-            _accumulate(leaf, g, create_graph)
+            _accumulate(leaf, g, create_graph,
+                        hooked or given.get(_base_id(g._data), 0) > 1)
     return captured
+
+
+def _base_id(a: np.ndarray) -> int:
+    """The id of the array that owns ``a``'s memory."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return id(a)
 
 
 def _grad_into(n, g, node_grads, heap, owned, recording: bool) -> bool:
@@ -328,7 +345,9 @@ def _nodes_leading_to(starts, targets) -> set:
     return useful
 
 
-def _accumulate(leaf: Tensor, g: Tensor, create_graph: bool) -> None:
+def _accumulate(leaf: Tensor, g: Tensor, create_graph: bool, shared: bool = True) -> None:
+    """Add ``g`` into ``leaf.grad``; a first gradient that no one else holds (``shared``
+    False) becomes ``.grad`` without a copy."""
     if g._data.shape != leaf._data.shape:
         raise RuntimeError(
             f"gradient for a tensor of shape {list(leaf.shape)} has shape {list(g.shape)}"
@@ -338,7 +357,11 @@ def _accumulate(leaf: Tensor, g: Tensor, create_graph: bool) -> None:
     elif STATE.tracer is not None:  # traced: ``.grad`` is set from a graph output after each run
         STATE.tracer.on_grad(leaf, g)
     elif leaf.grad is None:
-        leaf.grad = _make(np.array(g._data, dtype=leaf._data.dtype))  # own copy: g may be shared
+        a = g._data
+        if (shared or a.dtype != leaf._data.dtype or not a.flags.writeable
+                or not a.flags.c_contiguous):
+            a = np.array(a, dtype=leaf._data.dtype)  # own copy
+        leaf.grad = _make(a)
     else:
         np.add(leaf.grad._data, g._data, out=leaf.grad._data, casting="unsafe")
 

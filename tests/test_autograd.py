@@ -444,3 +444,34 @@ def test_split_gradients_reach_hooks_and_double_backward(monkeypatch):
     gw, _ = _split_grads(monkeypatch, True, create_graph=True)
     gw.sum().backward()  # the recorded graph of the backward is differentiable
     np.testing.assert_array_equal(gw.detach().numpy(), fast.numpy())
+
+
+def test_leaf_gradients_never_share_memory_with_each_other_or_the_caller():
+    """A first gradient that went to one leaf alone becomes its .grad without a copy; one that
+    also went elsewhere (add passes g to both sides, a caller's gradient, a hook's result) is
+    copied, so accumulating into one .grad never changes another or the caller's tensor."""
+    import numpy as np
+
+    a = kiln.ones(3, requires_grad=True)
+    b = kiln.ones(3, requires_grad=True)
+    upstream = kiln.tensor([1.0, 2.0, 3.0])
+    (a + b).backward(upstream)
+    assert not np.shares_memory(a.grad.numpy(), b.grad.numpy())
+    assert not np.shares_memory(a.grad.numpy(), upstream.numpy())
+    (a + b).backward(upstream)  # accumulates in place into each .grad
+    np.testing.assert_array_equal(upstream.numpy(), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(a.grad.numpy(), [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal(b.grad.numpy(), [2.0, 4.0, 6.0])
+
+    kept = []
+    w = kiln.ones(2, 2, requires_grad=True)
+    w.register_hook(lambda g: kept.append(g * 1) or kept[-1])
+    x = kiln.ones(3, 2)
+    (x @ w).sum().backward()
+    (x @ w).sum().backward()
+    np.testing.assert_array_equal(kept[0].numpy(), np.full((2, 2), 3.0))  # not accumulated into
+    h = kiln.ones(4, 2, requires_grad=True)
+    y = h * 2
+    y.retain_grad()
+    (y + h).sum().backward()
+    assert not np.shares_memory(h.grad.numpy(), y.grad.numpy())
