@@ -62,33 +62,8 @@ class _Emit:
         self.b.store(v, self.b.bitcast(self.b.gep(ptr, [at]), self.vec.as_pointer()), align=4)
 
     def splat(self, x):
-        b = self.b
-        v = b.insert_element(ir.Constant(self.vec, ir.Undefined), x, ir.Constant(I32, 0))
-        return b.shuffle_vector(v, ir.Constant(self.vec, ir.Undefined), ir.Constant(
-            ir.VectorType(I32, self.lanes), [0] * self.lanes))
-
-    def splat_int(self, x):
-        """An i32 value in every lane."""
-        b, ty = self.b, ir.VectorType(I32, self.lanes)
-        v = b.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(I32, 0))
-        return b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(ty, [0] * self.lanes))
-
-    def reduce(self, op: str, vs):
-        """The "fadd" or "fmax" of all lanes of the vectors ``vs`` (a tree of vector ops, then
-        one horizontal reduction)."""
-        b = self.b
-        two = (lambda x, y: b.fadd(x, y, flags=_REASSOC)) if op == "fadd" else (
-            lambda x, y: mathlib.fmax(b, x, y))
-        vs = list(vs)
-        while len(vs) > 1:
-            vs = [two(vs[i], vs[i + 1]) if i + 1 < len(vs) else vs[i]
-                  for i in range(0, len(vs), 2)]
-        name = f"llvm.vector.reduce.{op}.v{self.lanes}f32"
-        if op == "fadd":
-            fn = engine.intrinsic(b.module, name, F32, [F32, self.vec])
-            return b.call(fn, [ir.Constant(F32, -0.0), vs[0]], fastmath=_REASSOC)
-        fn = engine.intrinsic(b.module, name, F32, [self.vec])
-        return b.call(fn, [vs[0]])
+        """The scalar ``x`` (a float or an i32) in every lane."""
+        return engine.splat(self.b, x, self.lanes)
 
     def at(self, ptr, *terms):
         """``ptr + sum(a * c)`` for (i64 value or int, int) pairs ``terms``."""
@@ -144,24 +119,6 @@ class _Emit:
         return self.b.select(self.b.icmp_signed("<", x, y), x, y)
 
 
-def _transpose(e: _Emit, rows):
-    """The lanes x lanes block whose rows are the vectors ``rows``, transposed: at each scale d
-    (lanes / 2 down to 1), rows i and i + d swap their off-diagonal d-blocks (2-source
-    shuffles)."""
-    b, n = e.b, e.lanes
-    rows = list(rows)
-    d = n // 2
-    while d:
-        lo = ir.Constant(ir.VectorType(I32, n), [x if not x & d else n + x - d for x in range(n)])
-        hi = ir.Constant(ir.VectorType(I32, n), [x + d if not x & d else n + x for x in range(n)])
-        for i in range(n):
-            if not i & d:
-                a, c = rows[i], rows[i + d]
-                rows[i], rows[i + d] = b.shuffle_vector(a, c, lo), b.shuffle_vector(a, c, hi)
-        d //= 2
-    return rows
-
-
 def _pack_t(e: _Emit, src, ld: int, rows: int, cols: int, tile, tld: int):
     """tile[c * tld + r] = src[r * ld + c] for c < cols (a multiple of lanes) and r < tld (a
     multiple of lanes), zero for r >= rows: lanes x lanes blocks transposed in registers."""
@@ -170,7 +127,7 @@ def _pack_t(e: _Emit, src, ld: int, rows: int, cols: int, tile, tld: int):
     def block(r0, c0, count):
         vs = [e.vload(src, b.add(b.mul(b.add(r0, i64(r)), i64(ld)), c0)) if r < count
               else e.zero for r in range(n)]
-        for c, v in enumerate(_transpose(e, vs)):
+        for c, v in enumerate(engine.transpose(b, vs)):
             e.vstore(v, tile, b.add(b.mul(b.add(c0, i64(c)), i64(tld)), r0))
 
     def col_blocks(r0, count):
@@ -205,8 +162,8 @@ def _probabilities(e: _Emit, k, qt, pt, mtile, L, S, E, lpad, sk, causal, scale)
         x = e.vload(pt, b.add(b.mul(j, i64(lpad)), c))
         if not causal:
             return x
-        queries = b.add(iota, e.splat_int(b.trunc(c, I32)))
-        return b.select(b.icmp_signed(">=", queries, e.splat_int(b.trunc(j, I32))), x, ninf)
+        queries = b.add(iota, e.splat(b.trunc(c, I32)))
+        return b.select(b.icmp_signed(">=", queries, e.splat(b.trunc(j, I32))), x, ninf)
 
     # one pass for every query vector's max: independent chains
     maxes = engine.loop(b, 0, S, lambda j, acc: [
@@ -333,7 +290,7 @@ def _build_backward(mod, name, L, S, E, Ev, strides, causal, scale):
             terms = [b.fmul(e.vload(do, b.add(b.mul(i, i64(sdo)), i64(c))),
                             e.vload(o, b.add(b.mul(i, i64(so)), i64(c))))
                      for c in range(0, Ev, e.lanes)]
-            b.store(e.reduce("fadd", terms), b.gep(rowdot, [i]))
+            b.store(engine.hsum(b, terms), b.gep(rowdot, [i]))
             return []
 
         engine.loop(b, 0, L, dot_row, [])
@@ -380,7 +337,7 @@ def _kernel(kind, L, S, E, Ev, strides, causal, scale):
 def fits(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
     """Whether the native kernels take these operands: float32 (..., L, E), (..., S, E) and
     (..., S, Ev) with 1 <= L, S <= MAX_DIM, E and Ev multiples of the vector width up to
-    MAX_DIM, batch dims that broadcast, whole-element strides."""
+    MAX_DIM, whole-element strides (the callers check that the batch dims broadcast)."""
     lanes = bmm._shape_regs()[0]
     if any(x.dtype != _F32 or x.ndim < 2 for x in (q, k, v)):
         return False

@@ -97,11 +97,7 @@ def _build(mod, name, m, k, n, sa, sb):
                 for r in range(r_count):
                     idx = b.add(b.mul(b.add(i0, i64(r)), i64(sa[0])), b.mul(kk, i64(sa[1])))
                     x = b.load(b.gep(a0, [idx]))
-                    xs = b.shuffle_vector(b.insert_element(ir.Constant(vec, ir.Undefined), x,
-                                                           i64(0)),
-                                          ir.Constant(vec, ir.Undefined),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), lanes),
-                                                      [0] * lanes))
+                    xs = engine.splat(b, x, lanes)
                     out += [b.call(fma, [xs, bv[v], accs[r * nv + v]]) for v in range(nv)]
                 return out
 

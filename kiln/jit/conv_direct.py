@@ -79,12 +79,6 @@ def _store_first(b, v, k: int, ptr, off) -> None:
         done += size
 
 
-def _splat(b, s):
-    v = b.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined),
-                            ir.Constant(ir.VectorType(I32, VW), [0] * VW))
-
-
 def _build(name, emit, ptr_types: list):
     mod = engine.new_module(name)
     fma = engine.intrinsic(mod, "llvm.fma.v16f32", _VEC, [_VEC] * 3)
@@ -124,7 +118,7 @@ def _fwd_kernel(Hp, Wp, C, O, kh, kw, Ho, Wo, has_bias, pix):
                 wv = {(i, v): _vload(b, wt, _at(b, co, (i, K * O), (j, O), (i64(v * VW), 1)))
                       for _, i in uses for v in range(nv)}
                 for p in range(pw):
-                    s = _splat(b, b.load(b.gep(xp, [_at(b, rb, (j, 1), (i64(p), C))])))
+                    s = engine.splat(b, b.load(b.gep(xp, [_at(b, rb, (j, 1), (i64(p), C))])), VW)
                     for rr, i in uses:
                         for v in range(nv):
                             a = (rr * pw + p) * nv + v
@@ -149,7 +143,7 @@ def _fwd_kernel(Hp, Wp, C, O, kh, kw, Ho, Wo, has_bias, pix):
                     k = min(VW, pw - p0)
                     for v in range(nv):
                         rs = [acc[(rr * pw + p0 + p) * nv + v] for p in range(k)]
-                        for o, t in enumerate(_transpose16(b, rs + [zero] * (VW - k))):
+                        for o, t in enumerate(engine.transpose(b, rs + [zero] * (VW - k))):
                             at = _at(b, ob, (i64((v * VW + o) * Ho * Wo + rr * Wo + p0), 1),
                                      (w0, 1), (h, Wo), (co, Ho * Wo))
                             _store_first(b, t, k, out, at)
@@ -254,21 +248,6 @@ def _tap_grid(kh: int, K: int, nv: int) -> tuple:
                key=lambda t: (t[0] * t[1], t[1]))
 
 
-def _transpose16(b, rows: list) -> list:
-    """The 16x16 transpose of 16 vectors: swap one bit of the row and lane indices per stage."""
-    rows = list(rows)
-    for k in range(4):
-        m = 1 << k
-        lo = [j if not j & m else VW + j - m for j in range(VW)]
-        hi = [j + m if not j & m else VW + j for j in range(VW)]
-        for i in range(VW):
-            if not i & m:
-                a, c = rows[i], rows[i | m]
-                rows[i] = b.shuffle_vector(a, c, ir.Constant(ir.VectorType(I32, VW), lo))
-                rows[i | m] = b.shuffle_vector(a, c, ir.Constant(ir.VectorType(I32, VW), hi))
-    return rows
-
-
 def _channels_last(b, dst, src, base, O: int, HW: int) -> None:
     """``dst[p * O + o] = src[base + o * HW + p]``: one image's (O, HW) plane stack
     transposed, in 16x16 register tiles (O a multiple of 16), the last HW % 16 pixels one by
@@ -280,7 +259,7 @@ def _channels_last(b, dst, src, base, O: int, HW: int) -> None:
         for ob in range(O // VW):
             rows = [_vload(b, src, _at(b, base, (p0, 1), (i64((ob * VW + o) * HW), 1)))
                     for o in range(VW)]
-            for p, v in enumerate(_transpose16(b, rows)):
+            for p, v in enumerate(engine.transpose(b, rows)):
                 _vstore(b, v, dst, _at(b, i64(p * O + ob * VW), (p0, O)))
         return []
 
@@ -334,7 +313,7 @@ def _wgrad_kernel(Hp, Wp, C, O, kh, kw, Ho, Wo):
                         xw = _at(b, xo, (h, Wp * C), (w, C))
                         acc = list(acc)
                         for t, off in enumerate(offs):
-                            s = _splat(b, b.load(b.gep(xp, [b.add(xw, i64(off))])))
+                            s = engine.splat(b, b.load(b.gep(xp, [b.add(xw, i64(off))])), VW)
                             for v in range(nv):
                                 acc[t * nv + v] = b.call(fma, [s, gv[v], acc[t * nv + v]])
                         return acc

@@ -3,11 +3,13 @@ gradient, each one pass over the rows in one native call.
 
 The numpy path takes about fifteen small array operations (max, subtract, exp, row sums, log,
 a gather, the ignore_index mask, the mean); at a classifier's sizes (64 x 10) each costs a few
-microseconds of call overhead, ~50 us a step in all.  Here each row is reduced while it sits
-in registers: ``loss = log(sum(exp(x - max))) + max - x[t]``, rows whose target is
-``ignore_index`` count for nothing, and the kernel reports how many rows counted and whether
-any target was out of range (the caller's numpy path then raises PyTorch's error).  The sum
-over rows is a float32 sum in row order; exp is kiln/jit/mathlib.py's (a few ulp from
+microseconds of call overhead, ~50 us a step in all.  Here one kernel computes exp(x - max)
+over the whole array (short rows make poor vector loops), then per row
+``loss = log(sum(exp(x - shift))) + shift - x[t]`` with the global max as the shift (a row
+whose sum underflows is redone with its own max, as the numpy path does).  Rows whose target
+is ``ignore_index`` count for nothing, and the kernel reports how many rows counted and
+whether any target was out of range (the caller's numpy path then raises PyTorch's error).
+The sum over rows is a float32 sum in row order; exp is kiln/jit/mathlib.py's (a few ulp from
 numpy's).  Single-threaded: a whole batch takes microseconds.
 """
 
@@ -25,7 +27,6 @@ _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
 _P = ctypes.c_void_p
 _L = ctypes.c_int64
-_REASSOC = ("reassoc",)
 _kernels: dict = {}
 NONE, SUM, MEAN = 0, 1, 2  # the kernels' reduction codes
 # a row whose sum of exp(x - global max) is above this kept its largest terms in the normal
@@ -34,21 +35,23 @@ _SAFE_SUM = 1e-30
 _CODES = {"none": NONE, "sum": SUM, "mean": MEAN}
 
 
+def _max(b, x, n):
+    """The max of the n floats at ``x`` (NaN ignored, as maxnum)."""
+    return engine.loop(b, i64(0), n, lambda j, a: [mathlib.fmax(b, a[0], b.load(b.gep(x, [j])))],
+                       [ir.Constant(F32, float("-inf"))])[0]
+
+
 def _row_stats(b, x, c):
     """(max, sum of exp(x - max)) of the row at float* ``x`` of ``c`` elements (i64)."""
-    mx = engine.loop(b, i64(0), c, lambda j, a: [mathlib.fmax(b, a[0], b.load(b.gep(x, [j])))],
-                     [ir.Constant(F32, float("-inf"))])[0]
-    total = engine.loop(b, i64(0), c, lambda j, a: [b.fadd(a[0], mathlib.exp(
-        b, b.fsub(b.load(b.gep(x, [j])), mx)), flags=_REASSOC)], [ir.Constant(F32, 0.0)])[0]
-    return mx, total
+    mx = _max(b, x, c)
+    return mx, engine.fsum(b, i64(0), c, lambda j: mathlib.exp(b, b.fsub(b.load(b.gep(
+        x, [j])), mx)))
 
 
 def _exps(b, x, e, size):
-    """e = exp(x - max(x)) over the whole array (two vectorized loops; short rows make poor
-    vector loops) and that max, or -inf... when it is not finite (the rows then shift by their
-    own max)."""
-    mx = engine.loop(b, i64(0), size, lambda j, a: [mathlib.fmax(b, a[0], b.load(b.gep(
-        x, [j])))], [ir.Constant(F32, float("-inf"))])[0]
+    """e = exp(x - max(x)) over the whole array (two loops LLVM vectorizes; short rows make
+    poor vector loops), and that max (the caller checks that it is finite)."""
+    mx = _max(b, x, size)
 
     def ex(j, _):
         b.store(mathlib.exp(b, b.fsub(b.load(b.gep(x, [j])), mx)), b.gep(e, [j]))
@@ -58,17 +61,11 @@ def _exps(b, x, e, size):
     return mx
 
 
-def _row_sum(b, e, c):
-    return engine.loop(b, i64(0), c, lambda j, a: [b.fadd(a[0], b.load(b.gep(e, [j])),
-                                                          flags=_REASSOC)],
-                       [ir.Constant(F32, 0.0)])[0]
-
-
 def _shift_and_sum(b, x, e, c, gmax):
     """(shift, sum of exp(x - shift)) for the row at ``x`` whose exp(x - gmax) are at ``e``:
     the global max when the row's sum stays well within float range, else the row's max
     (recomputed)."""
-    s = _row_sum(b, e, c)
+    s = engine.fsum(b, i64(0), c, lambda j: b.load(b.gep(e, [j])))
     ok = b.and_(b.fcmp_ordered(">", s, ir.Constant(F32, _SAFE_SUM)),
                 b.fcmp_ordered("<", mathlib.fabs(b, gmax), ir.Constant(F32, float("inf"))))
     entry = b.block

@@ -72,6 +72,44 @@ def address(a) -> int:
         return a.__array_interface__["data"][0]
 
 
+def splat(b: ir.IRBuilder, x, lanes: int):
+    """The scalar value ``x`` in every lane of a ``lanes``-wide vector."""
+    ty = ir.VectorType(x.type, lanes)
+    v = b.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, ir.Constant(ty, ir.Undefined),
+                            ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+
+def hsum(b: ir.IRBuilder, vs):
+    """The float32 sum of all lanes of the float32 vectors ``vs`` (a tree of vector adds, then
+    one horizontal reduction)."""
+    reassoc = ("reassoc",)
+    vs = list(vs)
+    while len(vs) > 1:
+        vs = [b.fadd(vs[i], vs[i + 1], flags=reassoc) if i + 1 < len(vs) else vs[i]
+              for i in range(0, len(vs), 2)]
+    ty = vs[0].type
+    fn = intrinsic(b.module, f"llvm.vector.reduce.fadd.v{ty.count}f32", F32, [F32, ty])
+    return b.call(fn, [ir.Constant(F32, -0.0), vs[0]], fastmath=reassoc)
+
+
+def transpose(b: ir.IRBuilder, rows: list) -> list:
+    """The n x n block whose rows are the n-lane vectors ``rows``, transposed: one bit of the
+    row and lane indices swapped per stage of 2-source shuffles."""
+    n = len(rows)
+    rows = list(rows)
+    m = 1
+    while m < n:
+        lo = ir.Constant(ir.VectorType(I32, n), [j if not j & m else n + j - m for j in range(n)])
+        hi = ir.Constant(ir.VectorType(I32, n), [j + m if not j & m else n + j for j in range(n)])
+        for i in range(n):
+            if not i & m:
+                a, c = rows[i], rows[i | m]
+                rows[i], rows[i | m] = b.shuffle_vector(a, c, lo), b.shuffle_vector(a, c, hi)
+        m *= 2
+    return rows
+
+
 def i64(v: int) -> ir.Constant:
     """An i64 constant (sizes, strides, loop bounds)."""
     return ir.Constant(I64, v)
@@ -124,6 +162,12 @@ def loop(b: ir.IRBuilder, lo, hi, body, init=None):
         p.add_incoming(v, end)
         out.append(p)
     return out
+
+
+def fsum(b: ir.IRBuilder, lo, hi, term):
+    """The float32 sum of ``term(i)`` over [lo, hi) (reassociated, so LLVM vectorizes it)."""
+    return loop(b, lo, hi, lambda i, acc: [b.fadd(acc[0], term(i), flags=("reassoc",))],
+                [ir.Constant(F32, 0.0)])[0]
 
 
 def new_module(name: str) -> ir.Module:

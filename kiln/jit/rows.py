@@ -22,7 +22,7 @@ import numpy as np
 from llvmlite import ir
 
 from kiln.jit import engine, mathlib, parallel
-from kiln.jit.engine import F32, F64, I32, I64, i64
+from kiln.jit.engine import F32, F64, I64, i64
 from kiln.jit.engine import address as _addr
 
 _F32 = np.dtype(np.float32)
@@ -61,12 +61,6 @@ def _cast(b, ptr, ty):
 
 def _load(b, ptr, i):
     return b.load(b.gep(ptr, [i]))
-
-
-def _sum(b, lo, hi, term):
-    """The float32 sum of ``term(j)`` over [lo, hi) (reassociated: vectorized)."""
-    zero = ir.Constant(F32, 0.0)
-    return _for(b, lo, hi, [zero], lambda j, acc: [b.fadd(acc[0], term(j), flags=_REASSOC)])[0]
 
 
 # Rows are processed in blocks: each pass over a block's rows before the next pass, so that
@@ -112,7 +106,7 @@ def _stats_passes(b, x, d, eps, means, rstds):
     df = b.sitofp(d, F32)
 
     def first(base, end, k):
-        b.store(b.fdiv(_sum(b, base, end, lambda j: _load(b, x, j)), df), b.gep(means, [k]))
+        b.store(b.fdiv(engine.fsum(b, base, end, lambda j: _load(b, x, j)), df), b.gep(means, [k]))
 
     def second(base, end, k):
         m0 = _load(b, means, k)
@@ -200,8 +194,8 @@ def _build_ln_backward(has_w, want_x, want_wb):
 
         def coefficients(base, end, k):
             mean, rstd = _load(b, means, k), _load(b, rstds, k)
-            mg = b.fdiv(_sum(b, base, end, lambda j: gh(j, base)), df)
-            cg = b.fdiv(_sum(b, base, end, lambda j: b.fmul(
+            mg = b.fdiv(engine.fsum(b, base, end, lambda j: gh(j, base)), df)
+            cg = b.fdiv(engine.fsum(b, base, end, lambda j: b.fmul(
                 gh(j, base), b.fsub(_load(b, x, j), mean))), df)
             b.store(b.fmul(rstd, mg), b.gep(shifts, [k]))
             b.store(b.fmul(b.fmul(b.fmul(cg, rstd), rstd), rstd), b.gep(scales, [k]))
@@ -313,31 +307,14 @@ def _vstore(b, v, ptr, at):
     b.store(v, b.bitcast(b.gep(ptr, [at]), _VEC.as_pointer()), align=4)
 
 
-def _splat(b, s):
-    v = b.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), ir.Constant(
-        ir.VectorType(I32, _LANES), [0] * _LANES))
-
-
-def _hsum(b, vs):
-    """The float32 sum of all lanes of the vectors ``vs`` (a tree of vector adds, then one
-    horizontal reduction)."""
-    vs = list(vs)
-    while len(vs) > 1:
-        vs = [b.fadd(vs[i], vs[i + 1], flags=_REASSOC) if i + 1 < len(vs) else vs[i]
-              for i in range(0, len(vs), 2)]
-    fn = engine.intrinsic(b.module, "llvm.vector.reduce.fadd.v16f32", F32, [F32, _VEC])
-    return b.call(fn, [ir.Constant(F32, -0.0), vs[0]], fastmath=_REASSOC)
-
-
 def _held_stats(b, xs, d, eps):
     """A held row's (mean, 1 / sqrt(var + eps), mean - m0, the values centred on m0) with m0
     the first mean (the corrected two-pass algorithm, as in _stats_passes)."""
     df = ir.Constant(F32, float(d))
-    m0 = b.fdiv(_hsum(b, xs), df)
-    cs = [b.fsub(v, _splat(b, m0)) for v in xs]
-    shift = b.fdiv(_hsum(b, cs), df)
-    var = b.fsub(b.fdiv(_hsum(b, [b.fmul(c, c) for c in cs]), df), b.fmul(shift, shift))
+    m0 = b.fdiv(engine.hsum(b, xs), df)
+    cs = [b.fsub(v, engine.splat(b, m0, _LANES)) for v in xs]
+    shift = b.fdiv(engine.hsum(b, cs), df)
+    var = b.fsub(b.fdiv(engine.hsum(b, [b.fmul(c, c) for c in cs]), df), b.fmul(shift, shift))
     rstd = b.fdiv(ir.Constant(F32, 1.0), mathlib.sqrt(b, b.fadd(var, eps)))
     return b.fadd(m0, shift), rstd, shift, cs
 
@@ -354,7 +331,7 @@ def _build_ln_forward_held(d, has_w, has_b):
             ats = [b.add(base, o) for o in offs]
             xs = [_vload(b, x, at) for at in ats]
             mean, rstd, _, _ = _held_stats(b, xs, d, eps)
-            vm, vr = _splat(b, mean), _splat(b, rstd)
+            vm, vr = engine.splat(b, mean, _LANES), engine.splat(b, rstd, _LANES)
             for v, at, o in zip(xs, ats, offs):
                 y = b.fmul(b.fsub(v, vm), vr)
                 if has_w:
@@ -395,17 +372,17 @@ def _build_ln_backward_held(d, has_w, want_x, want_wb):
             xs = [_vload(b, x, at) for at in ats]
             gs = [_vload(b, g, at) for at in ats]
             mean, rstd, shift, cs = _held_stats(b, xs, d, eps)
-            vm, vr = _splat(b, mean), _splat(b, rstd)
+            vm, vr = engine.splat(b, mean, _LANES), engine.splat(b, rstd, _LANES)
             xcs = [b.fsub(v, vm) for v in xs]
             if want_x:
                 ghs = [b.fmul(v, _vload(b, w, o)) for v, o in zip(gs, offs)] if has_w else gs
-                sg = _hsum(b, ghs)
+                sg = engine.hsum(b, ghs)
                 # sum(gh * (x - mean)) from the values centred on the first mean
-                sgc = b.fsub(_hsum(b, [b.fmul(gv, c) for gv, c in zip(ghs, cs)]),
+                sgc = b.fsub(engine.hsum(b, [b.fmul(gv, c) for gv, c in zip(ghs, cs)]),
                              b.fmul(shift, sg))
-                vs = _splat(b, b.fmul(rstd, b.fdiv(sg, df)))
+                vs = engine.splat(b, b.fmul(rstd, b.fdiv(sg, df)), _LANES)
                 r3 = b.fmul(b.fmul(rstd, rstd), rstd)
-                vk = _splat(b, b.fmul(b.fdiv(sgc, df), r3))
+                vk = engine.splat(b, b.fmul(b.fdiv(sgc, df), r3), _LANES)
                 for gh, xc, at in zip(ghs, xcs, ats):
                     v = b.fsub(b.fmul(gh, vr), vs)
                     _vstore(b, b.fsub(v, b.fmul(xc, vk)), dx, at)
@@ -477,7 +454,7 @@ def _build_softmax(log):
         def row_sum(base, end, k):
             mx = _load(b, maxes, k)
             if log:
-                s = _sum(b, base, end, lambda j: mathlib.exp(b, b.fsub(_load(b, x, j), mx)))
+                s = engine.fsum(b, base, end, lambda j: mathlib.exp(b, b.fsub(_load(b, x, j), mx)))
                 b.store(mathlib.log(b, s), b.gep(sums, [k]))
                 return
 
@@ -486,7 +463,7 @@ def _build_softmax(log):
                 b.store(e, b.gep(out, [j]))
                 return e
 
-            b.store(b.fdiv(ir.Constant(F32, 1.0), _sum(b, base, end, ex)), b.gep(sums, [k]))
+            b.store(b.fdiv(ir.Constant(F32, 1.0), engine.fsum(b, base, end, ex)), b.gep(sums, [k]))
 
         def row_out(base, end, k):
             s = _load(b, sums, k)
@@ -539,7 +516,7 @@ def _build_softmax_backward(mod, name):
     sums = b.alloca(F32, _BLOCK)
 
     def row_sum(base, end, k):
-        s = _sum(b, base, end, lambda j: b.fmul(_load(b, g, j), _load(b, y, j)))
+        s = engine.fsum(b, base, end, lambda j: b.fmul(_load(b, g, j), _load(b, y, j)))
         b.store(s, b.gep(sums, [k]))
 
     def row_out(base, end, k):
